@@ -1,0 +1,117 @@
+// The device-agnostic ops API: the one interface a kernel plugin implements ("cpu" on OpenBLAS,
+// "cuda" on cuBLAS). Routers, expert layouts and balancers are written against Ops only, so a
+// router written once runs on every device.
+//
+// Conventions for every op:
+//  - Tensors are contiguous row-major and live on this kernel's device; float ops accept f32 and
+//    f64 (the reference CPU kernel is templated on the scalar type so gradient checks run in
+//    double), index tensors are i32.
+//  - Outputs are preallocated by the caller with the shape written beside each op; an op checks
+//    shapes and dtypes and throws RuntimeError naming the op and both shapes on a mismatch.
+//  - `beta`/`accumulate` say explicitly whether an output is overwritten or added to, as
+//    tiny-cuda-nn's gradient modes do; backward ops accumulate into parameter gradients.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moelab/params.hpp"
+#include "moelab/tensor.hpp"
+
+namespace moelab {
+
+enum class Activation { identity, relu, gelu_tanh, gelu_erf, silu };
+Activation parse_activation(const std::string& name);  // "identity","relu","gelu","gelu_erf","silu"
+const char* activation_name(Activation activation);
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual DeviceKind device() const = 0;
+  virtual std::string name() const = 0;
+
+  // --- memory -------------------------------------------------------------------------------
+  virtual Tensor empty(DType dtype, const Shape& shape) = 0;  // contents unspecified
+  virtual Tensor zeros(DType dtype, const Shape& shape) = 0;
+  virtual void fill(Tensor& dst, double value) = 0;
+  // Copies between any two tensors of equal dtype and numel, host or this device.
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  Tensor to_host(const Tensor& src);     // a host copy (a no-op view for the cpu kernel's tensors)
+  Tensor to_device(const Tensor& host);  // a device copy of a host tensor
+  virtual void synchronize() {}
+
+  // --- dense linear algebra -----------------------------------------------------------------
+  // c[M,N] = alpha * op(a) * op(b) + beta * c, op(x) = x or x^T; a is [M,K] or [K,M] when trans_a.
+  virtual void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b,
+                    double beta, Tensor& c) = 0;
+
+  // Grouped GEMM over row segments, the expert FFN's workhorse. Rows [offsets[g], offsets[g+1])
+  // of x belong to group g (offsets on the host, size groups+1, offsets[0] = 0):
+  //   y[rows_g] = alpha * x[rows_g] * op(w[g]) + beta * y[rows_g]
+  // x [R,K]; w [G,K,N] (trans_w = false) or [G,N,K] (trans_w = true); y [R,N].
+  virtual void grouped_gemm(const Tensor& x, const Tensor& w, bool trans_w,
+                            const std::vector<int64_t>& offsets, double alpha, double beta,
+                            Tensor& y) = 0;
+  // Weight gradient of grouped_gemm: dw[g] (+)= x[rows_g]^T * dy[rows_g]  (dw [G,K,N]), or its
+  // transpose dy^T * x when trans_w (dw [G,N,K]). accumulate = false overwrites.
+  virtual void grouped_gemm_weight_grad(const Tensor& x, const Tensor& dy, bool trans_w,
+                                        const std::vector<int64_t>& offsets, bool accumulate,
+                                        Tensor& dw) = 0;
+
+  // --- elementwise and row-wise -------------------------------------------------------------
+  // y = act(x); dx (+)= act'(x) * dy.
+  virtual void activation(Activation act, const Tensor& x, Tensor& y) = 0;
+  virtual void activation_backward(Activation act, const Tensor& x, const Tensor& dy,
+                                   bool accumulate, Tensor& dx) = 0;
+  // Gated linear unit on a fused [R, 2F] input laid out [gate | up]: h[R,F] = act(gate) * up.
+  virtual void glu(Activation act, const Tensor& gate_up, Tensor& h) = 0;
+  virtual void glu_backward(Activation act, const Tensor& gate_up, const Tensor& dh,
+                            Tensor& dgate_up) = 0;  // overwrites dgate_up [R, 2F]
+
+  // y = x + alpha * z elementwise (y may alias x).
+  virtual void axpy(double alpha, const Tensor& z, Tensor& y) = 0;
+  // y *= alpha
+  virtual void scale(double alpha, Tensor& y) = 0;
+  // y[r, :] *= s[r]   (y [R,N], s [R])
+  virtual void scale_rows(const Tensor& s, Tensor& y) = 0;
+  // y[r, :] += b   (y [R,N], b [N])
+  virtual void add_row_vector(const Tensor& b, Tensor& y) = 0;
+  // out[n] (+)= sum_r x[r, n]     (column sums; bias gradients, balancers' mean probabilities)
+  virtual void sum_rows(const Tensor& x, bool accumulate, Tensor& out) = 0;
+  // out[r] = <a[r,:], b[r,:]>
+  virtual void row_dot(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+
+  // --- probabilities ------------------------------------------------------------------------
+  // Row-wise softmax of x / temperature: y[R,E].  Backward: dx (+)= (y*(dy - <dy,y>)) / temperature.
+  virtual void softmax_rows(const Tensor& x, double temperature, Tensor& y) = 0;
+  virtual void softmax_rows_backward(const Tensor& y, const Tensor& dy, double temperature,
+                                     bool accumulate, Tensor& dx) = 0;
+  // y = 1 / (1 + exp(-x)); dx (+)= y (1 - y) dy.
+  virtual void sigmoid(const Tensor& x, Tensor& y) = 0;
+  virtual void sigmoid_backward(const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx) = 0;
+  // out[r] = log sum_e exp(x[r,e])  (router z-loss)
+  virtual void logsumexp_rows(const Tensor& x, Tensor& out) = 0;
+  // softplus(x) = log(1 + exp(x)) and its backward dx (+)= sigmoid(x) * dy (noisy top-k gating).
+  virtual void softplus(const Tensor& x, Tensor& y) = 0;
+  virtual void softplus_backward(const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx) = 0;
+
+  // --- selection and movement ---------------------------------------------------------------
+  // Per row, the k largest entries of scores[R,E] in descending order (ties: lower index first):
+  // values[R,k] (same dtype as scores), indices[R,k] i32. When `bias` [E] is given, selection
+  // ranks scores + bias but `values` holds the unbiased scores (DeepSeek-V3 aux-free balancing).
+  virtual void topk_rows(const Tensor& scores, int k, const Tensor* bias, Tensor& values,
+                         Tensor& indices) = 0;
+  // dst[i, :] = src[index[i], :]    (dispatch: tokens into expert order)
+  virtual void gather_rows(const Tensor& src, const Tensor& index, Tensor& dst) = 0;
+  // dst[index[i], :] += weight[i] * src[i, :]  (combine; weight may be null for 1)
+  virtual void scatter_add_rows(const Tensor& src, const Tensor& index, const Tensor* weight,
+                                Tensor& dst) = 0;
+  // out[i] = x[row[i], col[i]]  and its backward dx[row[i], col[i]] += dout[i].
+  virtual void gather_elements(const Tensor& x, const Tensor& row, const Tensor& col, Tensor& out) = 0;
+  virtual void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col,
+                                    Tensor& dx) = 0;
+};
+
+}  // namespace moelab

@@ -1,0 +1,88 @@
+#include <fmt/format.h>
+
+#include "moelab/experts.hpp"
+#include "moelab/module.hpp"
+#include "moelab/plugin.hpp"
+
+namespace moelab {
+
+Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng,
+                         double std, bool weight_decay) {
+  Tensor host = host_tensor(dtype, shape);
+  const int64_t n = host.numel();
+  if (std != 0.0) {
+    if (dtype == DType::f32) {
+      float* p = host.data<float>();
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(std * rng.normal());
+    } else if (dtype == DType::f64) {
+      double* p = host.data<double>();
+      for (int64_t i = 0; i < n; ++i) p[i] = std * rng.normal();
+    } else {
+      throw RuntimeError(fmt::format("parameter '{}': dtype {} is not supported for initialisation",
+                                     name, dtype_name(dtype)));
+    }
+  }
+  Parameter p;
+  p.name = std::move(name);
+  p.value = ops.to_device(host);
+  p.grad = ops.zeros(dtype, shape);
+  p.weight_decay = weight_decay;
+  return p;
+}
+
+void zero_grads(Ops& ops, Module& module) {
+  for (Parameter* p : module.parameters()) ops.fill(p->grad, 0.0);
+}
+
+std::unique_ptr<ForwardContext> Experts::shared_forward(Ops&, const Tensor&, Tensor&) {
+  throw RuntimeError("this expert layout has no shared experts");
+}
+void Experts::shared_backward(Ops&, const Tensor&, const ForwardContext&, const Tensor&, Tensor&) {
+  throw RuntimeError("this expert layout has no shared experts");
+}
+
+const char* plugin_kind_name(PluginKind kind) {
+  switch (kind) {
+    case PluginKind::router: return "router";
+    case PluginKind::experts: return "experts";
+    case PluginKind::balancer: return "balancer";
+    case PluginKind::kernel: return "kernel";
+  }
+  return "unknown";
+}
+
+Activation parse_activation(const std::string& name) {
+  if (name == "identity") return Activation::identity;
+  if (name == "relu") return Activation::relu;
+  if (name == "gelu" || name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "gelu_erf") return Activation::gelu_erf;
+  if (name == "silu" || name == "swish") return Activation::silu;
+  throw UsageError(fmt::format("unknown activation '{}'; known: identity, relu, gelu, gelu_erf, silu", name));
+}
+
+const char* activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::identity: return "identity";
+    case Activation::relu: return "relu";
+    case Activation::gelu_tanh: return "gelu";
+    case Activation::gelu_erf: return "gelu_erf";
+    case Activation::silu: return "silu";
+  }
+  return "?";
+}
+
+Tensor Ops::to_host(const Tensor& src) {
+  if (src.device() == DeviceKind::cpu) return src;
+  Tensor dst = host_tensor(src.dtype(), src.shape());
+  copy(src, dst);
+  return dst;
+}
+
+Tensor Ops::to_device(const Tensor& host) {
+  if (device() == DeviceKind::cpu && host.device() == DeviceKind::cpu) return host;
+  Tensor dst = empty(host.dtype(), host.shape());
+  copy(host, dst);
+  return dst;
+}
+
+}  // namespace moelab
