@@ -1,0 +1,99 @@
+// The MoE layer: router -> capacity -> dispatch -> experts -> combine, plus balancers, with an
+// explicit backward. Device-agnostic: all tensor work goes through Ops; only the small per-step
+// index bookkeeping (capacity, expert offsets) is done on the host.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moelab/balancer.hpp"
+#include "moelab/config.hpp"
+#include "moelab/experts.hpp"
+#include "moelab/router.hpp"
+
+namespace moelab {
+
+class PluginRegistry;
+
+// Per forward: how the experts were used. Host values.
+struct LayerStats {
+  std::vector<int64_t> routed_per_expert;  // assignments routed to each expert, before capacity
+  std::vector<int64_t> tokens_per_expert;  // assignments each expert processed
+  int64_t tokens = 0;
+  int64_t assignments = 0;          // A, routed assignments (expert >= 0)
+  int64_t dropped = 0;              // assignments lost to capacity
+  int64_t rerouted = 0;             // assignments moved to another expert (overflow = reroute)
+  int64_t tokens_without_expert = 0;  // tokens left with only their residual
+  int64_t capacity = 0;             // per expert; 0 when dropless
+  double drop_fraction = 0;         // dropped / assignments
+  std::vector<double> load_fraction;  // f_i: share of assignments routed to expert i
+  std::vector<double> mean_prob;      // P_i: mean router probability of expert i
+  double router_entropy = 0;          // mean over tokens of -sum_e p log p
+  double max_violation = 0;           // MaxVio: max load / mean load - 1 (processed load)
+  std::vector<std::pair<std::string, double>> balancer_losses;  // (balancer name, loss)
+  double aux_loss = 0;                // sum of balancer losses
+};
+
+// Counts, over a sliding window of tokens, which experts received none: the dead experts.
+class DeadExpertTracker {
+ public:
+  DeadExpertTracker(int64_t num_experts, int64_t window_tokens);
+  void record(const std::vector<int64_t>& tokens_per_expert, int64_t tokens);
+  // Experts that processed no token within the last `window` tokens (only once that many were seen).
+  std::vector<int64_t> dead() const;
+  int64_t tokens_seen() const { return tokens_seen_; }
+
+ private:
+  int64_t window_;
+  int64_t tokens_seen_ = 0;
+  std::vector<int64_t> last_seen_;  // token count at which each expert last got a token
+};
+
+struct LayerInput {
+  bool training = true;
+  int64_t step = 0;
+  int64_t batch = 1;
+  int64_t seq_len = 0;  // 0: the whole input is one sequence
+  const Tensor* token_ids = nullptr;  // host i32 [T], for hash routing
+};
+
+class MoeLayer : public Module {
+ public:
+  MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops,
+           Rng& rng);
+  ~MoeLayer() override;
+
+  // x [T, d] -> y [T, d]. Saves what backward needs; stats() describes this forward.
+  Tensor forward(const Tensor& x, const LayerInput& input);
+  // dy [T, d] -> dx [T, d]. Accumulates every parameter gradient, the balancers' included.
+  Tensor backward(const Tensor& dy);
+  // After the optimiser step: balancers that adjust state between steps (aux_free_bias) run here.
+  void after_step();
+
+  const LayerStats& stats() const { return stats_; }
+  DeadExpertTracker& dead_experts() { return dead_; }
+  const LayerSpec& spec() const { return spec_; }
+  Router& router() { return *router_; }
+  Experts& experts() { return *experts_; }
+  const Tensor& expert_bias() const { return expert_bias_; }  // undefined unless a balancer uses it
+  std::vector<Parameter*> parameters() override;  // names prefixed "router." and "experts."
+
+ private:
+  struct Saved;
+  MoeConfig config_;
+  LayerSpec spec_;
+  Ops& ops_;
+  Rng rng_;
+  std::shared_ptr<Router> router_;
+  std::shared_ptr<Experts> experts_;
+  std::vector<std::shared_ptr<Balancer>> balancers_;
+  std::vector<std::string> balancer_names_;
+  Tensor expert_bias_;
+  LayerStats stats_;
+  DeadExpertTracker dead_;
+  std::unique_ptr<Saved> saved_;
+};
+
+}  // namespace moelab
