@@ -6,22 +6,35 @@
 
 namespace moelab {
 
+namespace {
+template <class Draw>
+void fill_host(Tensor& host, Draw&& draw) {
+  MOELAB_CHECK(host.device() == DeviceKind::cpu, "fill: {} is not a host tensor", host.describe());
+  const int64_t n = host.numel();
+  if (host.dtype() == DType::f32) {
+    float* p = host.data<float>();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(draw());
+  } else if (host.dtype() == DType::f64) {
+    double* p = host.data<double>();
+    for (int64_t i = 0; i < n; ++i) p[i] = draw();
+  } else {
+    throw RuntimeError(fmt::format("fill: dtype {} is not supported", dtype_name(host.dtype())));
+  }
+}
+}  // namespace
+
+void fill_uniform(Tensor& host, double lo, double hi, Rng& rng) {
+  fill_host(host, [&] { return rng.uniform(lo, hi); });
+}
+
+void fill_normal(Tensor& host, double std, Rng& rng) {
+  fill_host(host, [&] { return std * rng.normal(); });
+}
+
 Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng,
                          double std, bool weight_decay) {
   Tensor host = host_tensor(dtype, shape);
-  const int64_t n = host.numel();
-  if (std != 0.0) {
-    if (dtype == DType::f32) {
-      float* p = host.data<float>();
-      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(std * rng.normal());
-    } else if (dtype == DType::f64) {
-      double* p = host.data<double>();
-      for (int64_t i = 0; i < n; ++i) p[i] = std * rng.normal();
-    } else {
-      throw RuntimeError(fmt::format("parameter '{}': dtype {} is not supported for initialisation",
-                                     name, dtype_name(dtype)));
-    }
-  }
+  if (std != 0.0) fill_normal(host, std, rng);
   Parameter p;
   p.name = std::move(name);
   p.value = ops.to_device(host);
@@ -39,6 +52,19 @@ std::unique_ptr<ForwardContext> Experts::shared_forward(Ops&, const Tensor&, Ten
 }
 void Experts::shared_backward(Ops&, const Tensor&, const ForwardContext&, const Tensor&, Tensor&) {
   throw RuntimeError("this expert layout has no shared experts");
+}
+
+void set_token_major_assignments(Ops& ops, int64_t tokens, int64_t k, RoutingPlan& plan) {
+  Tensor token = host_tensor(DType::i32, {tokens * k});
+  Tensor rank = host_tensor(DType::i32, {tokens * k});
+  int32_t* t = token.data<int32_t>();
+  int32_t* r = rank.data<int32_t>();
+  for (int64_t i = 0; i < tokens * k; ++i) {
+    t[i] = static_cast<int32_t>(i / k);
+    r[i] = static_cast<int32_t>(i % k);
+  }
+  plan.token = ops.to_device(token);
+  plan.rank = ops.to_device(rank);
 }
 
 const char* plugin_kind_name(PluginKind kind) {

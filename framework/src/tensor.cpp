@@ -100,6 +100,46 @@ Tensor host_tensor(DType dtype, Shape shape) {
   return Tensor(std::move(buffer), dtype, std::move(shape));
 }
 
+double host_value(const Tensor& t, int64_t i) {
+  MOELAB_CHECK(t.device() == DeviceKind::cpu && i >= 0 && i < t.numel(), "host_value({}) on {}", i, t.describe());
+  switch (t.dtype()) {
+    case DType::f32: return t.data<float>()[i];
+    case DType::f64: return t.data<double>()[i];
+    case DType::i32: return t.data<int32_t>()[i];
+    case DType::i64: return static_cast<double>(t.data<int64_t>()[i]);
+    case DType::u8: return t.data<uint8_t>()[i];
+    case DType::bf16: {
+      uint16_t bits;
+      std::memcpy(&bits, static_cast<const char*>(t.raw()) + 2 * i, 2);
+      const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+      float f;
+      std::memcpy(&f, &wide, 4);
+      return f;
+    }
+  }
+  return 0;
+}
+
+void set_host_value(Tensor& t, int64_t i, double v) {
+  MOELAB_CHECK(t.device() == DeviceKind::cpu && i >= 0 && i < t.numel(), "set_host_value({}) on {}", i, t.describe());
+  switch (t.dtype()) {
+    case DType::f32: t.data<float>()[i] = static_cast<float>(v); return;
+    case DType::f64: t.data<double>()[i] = v; return;
+    case DType::i32: t.data<int32_t>()[i] = static_cast<int32_t>(v); return;
+    case DType::i64: t.data<int64_t>()[i] = static_cast<int64_t>(v); return;
+    case DType::u8: t.data<uint8_t>()[i] = static_cast<uint8_t>(v); return;
+    case DType::bf16: {
+      const float f = static_cast<float>(v);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      bits += 0x7fff + ((bits >> 16) & 1);  // round to nearest even
+      const uint16_t high = static_cast<uint16_t>(bits >> 16);
+      std::memcpy(static_cast<char*>(t.raw()) + 2 * i, &high, 2);
+      return;
+    }
+  }
+}
+
 void expect_shape(const Tensor& t, const Shape& expected, const char* what) {
   if (!t.defined() || t.shape() != expected)
     throw RuntimeError(fmt::format("{}: expected shape {}, got {}", what, shape_str(expected),

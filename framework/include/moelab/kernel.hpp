@@ -112,6 +112,29 @@ class Ops {
   virtual void gather_elements(const Tensor& x, const Tensor& row, const Tensor& col, Tensor& out) = 0;
   virtual void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col,
                                     Tensor& dx) = 0;
+
+  // --- optional slots ----------------------------------------------------------------------
+  // These have a generic implementation (on the host, through to_host/copy) so that a new kernel
+  // works before it specialises them; a fast kernel overrides them. Ops added after ABI 1.0 go
+  // here, with a fallback, so that older kernels keep working.
+
+  // out = a * b elementwise (out may alias a or b).
+  virtual void mul(const Tensor& a, const Tensor& b, Tensor& out);
+  // y[r, :] = x[r, :] / sum(x[r, :])  (renormalising the k selected gates).
+  // Backward: dx[r, :] (+)= (dy[r, :] - <dy[r, :], y[r, :]>) / sum(x[r, :]).
+  virtual void normalize_rows(const Tensor& x, Tensor& y);
+  virtual void normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy,
+                                       bool accumulate, Tensor& dx);
+  // sum_i x_i^2 (gradient-norm clipping), accumulated in double.
+  virtual double sum_squares(const Tensor& x);
+  // One AdamW step (Loshchilov & Hutter 2019, decoupled weight decay) on a parameter, in place:
+  //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  m^ = m/(1-b1^t);  v^ = v/(1-b2^t)
+  //   p -= lr (m^ / (sqrt(v^) + eps) + wd p)
+  struct AdamW {
+    double lr, beta1, beta2, eps, weight_decay;
+    int64_t step;  // t, 1-based
+  };
+  virtual void adamw_update(const AdamW& hyper, const Tensor& grad, Tensor& param, Tensor& m, Tensor& v);
 };
 
 }  // namespace moelab

@@ -51,6 +51,26 @@ class DeadExpertTracker {
   std::vector<int64_t> last_seen_;  // token count at which each expert last got a token
 };
 
+// Capacity and dispatch of a plan's A assignments (host bookkeeping). Assignments are served in
+// priority order — every token's first choice before any second choice (GShard), tokens in order
+// within a rank — and an expert past `capacity` overflows by `overflow`: drop (the token keeps its
+// residual), reroute (to its most probable expert with room that it does not use already; the
+// combine weight stays the one the router gave the original choice) or dropless (no capacity).
+struct Dispatch {
+  std::vector<int32_t> order;          // [R]: the assignment behind each dispatched row, grouped by expert
+  std::vector<int32_t> source_token;   // [R]: token of each dispatched row
+  std::vector<int64_t> offsets;        // [E+1]: rows of expert e are [offsets[e], offsets[e+1])
+  std::vector<int32_t> final_expert;   // [A]: expert that processes each assignment, -1 if none
+  std::vector<int64_t> tokens_per_expert;  // [E]
+  int64_t dropped = 0, rerouted = 0;
+};
+// probs_host [T, E] is read only for reroute (may be undefined otherwise).
+Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                       const std::vector<int32_t>& rank, int64_t num_experts, int64_t capacity, Overflow overflow,
+                       const Tensor& probs_host);
+// capacity = ceil(tokens * k / experts * factor) (GShard, Switch).
+int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double factor);
+
 struct LayerInput {
   bool training = true;
   int64_t step = 0;
@@ -78,7 +98,9 @@ class MoeLayer : public Module {
   Router& router() { return *router_; }
   Experts& experts() { return *experts_; }
   const Tensor& expert_bias() const { return expert_bias_; }  // undefined unless a balancer uses it
-  std::vector<Parameter*> parameters() override;  // names prefixed "router." and "experts."
+  std::vector<Parameter*> parameters() override;
+  // Every parameter with its name in weights files: "router.weight", "experts.w_in", ...
+  std::vector<std::pair<std::string, Parameter*>> named_parameters();
 
  private:
   struct Saved;

@@ -44,6 +44,10 @@ struct RouterGrad {
   Tensor probs;   // dL/d plan.probs [T, E], or undefined
 };
 
+// Fills plan.token and plan.rank for token-major assignments (A = T*k): the j-th choice of token
+// t is assignment t*k + j, with token t and rank j.
+void set_token_major_assignments(Ops& ops, int64_t tokens, int64_t k, RoutingPlan& plan);
+
 class Router : public Module {
  public:
   // x [T, d] -> plan.

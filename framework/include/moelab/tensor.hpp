@@ -86,6 +86,11 @@ class Tensor {
 Tensor host_tensor(DType dtype, Shape shape);
 template <class T> Tensor host_tensor(Shape shape) { return host_tensor(dtype_of<T>(), std::move(shape)); }
 
+// Element i of a host tensor of any numeric dtype as a double, and the reverse (bf16 rounds to
+// nearest even). For small host-side bookkeeping (balancers' per-expert vectors), not hot loops.
+double host_value(const Tensor& host, int64_t i);
+void set_host_value(Tensor& host, int64_t i, double value);
+
 // Checks shapes at module boundaries: throws RuntimeError naming `what`, expected and actual shape.
 void expect_shape(const Tensor& t, const Shape& expected, const char* what);
 

@@ -1,0 +1,329 @@
+#include "moelab/moe_layer.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "moelab/registry.hpp"
+
+namespace moelab {
+
+// ---------------------------------------------------------------------------------------------
+// Dead experts
+
+DeadExpertTracker::DeadExpertTracker(int64_t num_experts, int64_t window_tokens)
+    : window_(window_tokens), last_seen_(static_cast<size_t>(num_experts), 0) {}
+
+void DeadExpertTracker::record(const std::vector<int64_t>& tokens_per_expert, int64_t tokens) {
+  tokens_seen_ += tokens;
+  for (size_t e = 0; e < last_seen_.size() && e < tokens_per_expert.size(); ++e)
+    if (tokens_per_expert[e] > 0) last_seen_[e] = tokens_seen_;
+}
+
+std::vector<int64_t> DeadExpertTracker::dead() const {
+  std::vector<int64_t> out;
+  if (tokens_seen_ < window_) return out;
+  for (size_t e = 0; e < last_seen_.size(); ++e)
+    if (tokens_seen_ - last_seen_[e] >= window_) out.push_back(static_cast<int64_t>(e));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capacity and dispatch: host bookkeeping on the A assignments of a plan.
+
+int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double factor) {
+  return static_cast<int64_t>(std::ceil(static_cast<double>(tokens) * static_cast<double>(k) /
+                                        static_cast<double>(experts) * factor));
+}
+
+Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                       const std::vector<int32_t>& rank, int64_t experts, int64_t capacity, Overflow overflow,
+                       const Tensor& probs_host) {
+  const size_t count = token.size();
+  Dispatch d;
+  d.final_expert.assign(count, -1);
+  std::vector<int32_t> priority(count);
+  std::iota(priority.begin(), priority.end(), 0);
+  std::stable_sort(priority.begin(), priority.end(), [&](int32_t a, int32_t b) { return rank[a] < rank[b]; });
+
+  std::vector<int64_t> load(static_cast<size_t>(experts), 0);
+  const bool limited = overflow != Overflow::dropless && capacity >= 0;
+  const int64_t tokens = probs_host.defined() ? probs_host.dim(0) : 0;
+  std::vector<std::vector<int32_t>> taken;  // experts already serving each token (for reroute)
+  if (overflow == Overflow::reroute) {
+    taken.resize(static_cast<size_t>(tokens));
+    for (size_t a = 0; a < count; ++a)
+      if (expert[a] >= 0) taken[static_cast<size_t>(token[a])].push_back(expert[a]);
+  }
+  for (int32_t a : priority) {
+    const int32_t e = expert[a];
+    if (e < 0) continue;
+    if (!limited || load[static_cast<size_t>(e)] < capacity) {
+      d.final_expert[a] = e;
+      ++load[static_cast<size_t>(e)];
+      continue;
+    }
+    if (overflow == Overflow::reroute) {
+      // Next-best expert by router probability with room that this token does not use already.
+      const int32_t t = token[a];
+      int32_t best = -1;
+      double best_p = -1;
+      for (int64_t j = 0; j < experts; ++j) {
+        if (load[static_cast<size_t>(j)] >= capacity) continue;
+        auto& used = taken[static_cast<size_t>(t)];
+        if (std::find(used.begin(), used.end(), static_cast<int32_t>(j)) != used.end()) continue;
+        const double p = host_value(probs_host, t * experts + j);
+        if (p > best_p) { best_p = p; best = static_cast<int32_t>(j); }
+      }
+      if (best >= 0) {
+        d.final_expert[a] = best;
+        ++load[static_cast<size_t>(best)];
+        taken[static_cast<size_t>(t)].push_back(best);
+        ++d.rerouted;
+        continue;
+      }
+    }
+    ++d.dropped;
+  }
+
+  d.offsets.assign(static_cast<size_t>(experts) + 1, 0);
+  for (int64_t e = 0; e < experts; ++e) d.offsets[static_cast<size_t>(e) + 1] = d.offsets[static_cast<size_t>(e)] + load[static_cast<size_t>(e)];
+  d.order.assign(static_cast<size_t>(d.offsets.back()), 0);
+  d.source_token.assign(d.order.size(), 0);
+  std::vector<int64_t> cursor(d.offsets.begin(), d.offsets.end() - 1);
+  for (size_t a = 0; a < count; ++a) {  // stable: rows of an expert in assignment order
+    const int32_t e = d.final_expert[a];
+    if (e < 0) continue;
+    const int64_t row = cursor[static_cast<size_t>(e)]++;
+    d.order[static_cast<size_t>(row)] = static_cast<int32_t>(a);
+    d.source_token[static_cast<size_t>(row)] = token[a];
+  }
+  d.tokens_per_expert = load;
+  return d;
+}
+
+namespace {
+
+std::vector<int32_t> host_ints(Ops& ops, const Tensor& t) {
+  const Tensor h = ops.to_host(t);
+  const int32_t* p = h.data<int32_t>();
+  return std::vector<int32_t>(p, p + h.numel());
+}
+
+Tensor upload_ints(Ops& ops, const std::vector<int32_t>& values) {
+  Tensor h = host_tensor(DType::i32, {static_cast<int64_t>(values.size())});
+  std::copy(values.begin(), values.end(), h.data<int32_t>());
+  return ops.to_device(h);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct MoeLayer::Saved {
+  Tensor x;
+  RoutingPlan plan;
+  LayerLoad load;
+  bool training = true;
+  int64_t step = 0, batch = 1, seq_len = 0;
+  const Tensor* token_ids = nullptr;
+  double capacity_factor = 1.0;
+  std::vector<int64_t> offsets;
+  Tensor order;         // [R] i32: assignment of each dispatched row
+  Tensor source_token;  // [R] i32
+  Tensor row_weight;    // [R]: combine weight of each dispatched row
+  Tensor x_sorted, y_sorted;
+  std::unique_ptr<ForwardContext> experts_context, shared_context;
+};
+
+MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops,
+                   Rng& rng)
+    : config_(config), spec_(spec), ops_(ops), rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
+      dead_(spec.num_experts, config.dead_expert_window) {
+  Rng init = rng_.fork(1);
+  experts_ = registry.make_experts(config.experts.type, config.experts.params, spec_, ops, init);
+  router_ = registry.make_router(config.router.type, config.router.params, spec_, ops, init);
+  bool bias = false;
+  for (const auto& choice : config.balancers) {
+    balancers_.push_back(registry.make_balancer(choice.type, choice.params, spec_, ops, init));
+    balancer_names_.push_back(choice.type);
+    bias = bias || balancers_.back()->uses_expert_bias();
+  }
+  if (bias) expert_bias_ = ops.zeros(spec_.dtype, {spec_.num_experts});
+}
+
+MoeLayer::~MoeLayer() = default;
+
+std::vector<Parameter*> MoeLayer::parameters() {
+  std::vector<Parameter*> out = router_->parameters();
+  for (Parameter* p : experts_->parameters()) out.push_back(p);
+  for (auto& b : balancers_)
+    for (Parameter* p : b->parameters()) out.push_back(p);
+  return out;
+}
+
+std::vector<std::pair<std::string, Parameter*>> MoeLayer::named_parameters() {
+  std::vector<std::pair<std::string, Parameter*>> out;
+  for (Parameter* p : router_->parameters()) out.emplace_back("router." + p->name, p);
+  for (Parameter* p : experts_->parameters()) out.emplace_back("experts." + p->name, p);
+  for (size_t i = 0; i < balancers_.size(); ++i)
+    for (Parameter* p : balancers_[i]->parameters())
+      out.emplace_back(fmt::format("balancers.{}.{}", i, p->name), p);
+  return out;
+}
+
+Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
+  const int64_t tokens = x.dim(0), d = spec_.d_model, experts = spec_.num_experts;
+  expect_shape(x, {tokens, d}, "MoE layer input");
+  auto saved = std::make_unique<Saved>();
+  saved->x = x;
+  saved->training = input.training;
+  saved->step = input.step;
+  saved->batch = input.batch;
+  saved->seq_len = input.seq_len > 0 ? input.seq_len : tokens;
+  saved->token_ids = input.token_ids;
+  saved->capacity_factor = input.training ? config_.capacity_factor : config_.eval_capacity_factor;
+
+  // The routing noise of a step is a function of (seed, layer, step, training): a forward can be
+  // repeated exactly (gradient checks, resume).
+  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(input.step) + (input.training ? 1 : 0));
+  RouterContext ctx{ops_, step_rng, input.training, input.step, input.batch, saved->seq_len, input.token_ids,
+                    expert_bias_.defined() ? &expert_bias_ : nullptr, saved->capacity_factor};
+  saved->plan = router_->forward(x, ctx);
+  RoutingPlan& plan = saved->plan;
+  expect_shape(plan.logits, {tokens, experts}, "router logits");
+  expect_shape(plan.probs, {tokens, experts}, "router probabilities");
+
+  const std::vector<int32_t> token = host_ints(ops_, plan.token);
+  const std::vector<int32_t> expert = host_ints(ops_, plan.expert);
+  const std::vector<int32_t> rank = host_ints(ops_, plan.rank);
+  MOELAB_CHECK(token.size() == expert.size() && token.size() == rank.size() &&
+                   plan.weight.numel() == static_cast<int64_t>(token.size()),
+               "router '{}' returned inconsistent assignment lists", config_.router.type);
+
+  stats_ = LayerStats{};
+  stats_.tokens = tokens;
+  stats_.routed_per_expert.assign(static_cast<size_t>(experts), 0);
+  for (size_t a = 0; a < token.size(); ++a) {
+    MOELAB_CHECK(token[a] >= 0 && token[a] < tokens && expert[a] < experts,
+                 "router '{}' produced assignment {} = (token {}, expert {}) outside [{} tokens, {} experts]",
+                 config_.router.type, a, token[a], expert[a], tokens, experts);
+    if (expert[a] >= 0) {
+      ++stats_.routed_per_expert[static_cast<size_t>(expert[a])];
+      ++stats_.assignments;
+    }
+  }
+  // Expert-choice routers size their own buckets: capacity does not apply to them.
+  const bool token_choice = plan.top_k > 0;
+  const Overflow overflow = token_choice ? config_.overflow : Overflow::dropless;
+  stats_.capacity = overflow == Overflow::dropless ? 0
+                                                   : expert_capacity(tokens, plan.top_k, experts, saved->capacity_factor);
+  const Tensor probs_host = ops_.to_host(plan.probs);
+  const Dispatch dispatch = plan_dispatch(token, expert, rank, experts, stats_.capacity, overflow,
+                                          overflow == Overflow::reroute ? probs_host : Tensor{});
+  stats_.tokens_per_expert = dispatch.tokens_per_expert;
+  stats_.dropped = dispatch.dropped;
+  stats_.rerouted = dispatch.rerouted;
+  saved->offsets = dispatch.offsets;
+  const int64_t rows = dispatch.offsets.back();
+
+  // Dispatch: gather token rows into expert order; run the experts; combine with the weights.
+  saved->order = upload_ints(ops_, dispatch.order);
+  saved->source_token = upload_ints(ops_, dispatch.source_token);
+  saved->x_sorted = ops_.empty(x.dtype(), {rows, d});
+  if (rows > 0) ops_.gather_rows(x, saved->source_token, saved->x_sorted);
+  saved->y_sorted = ops_.empty(x.dtype(), {rows, d});
+  saved->experts_context = experts_->forward(ops_, saved->x_sorted, saved->offsets, saved->y_sorted);
+  saved->row_weight = ops_.empty(x.dtype(), {rows, 1});
+  if (rows > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), saved->order, saved->row_weight);
+  saved->row_weight = saved->row_weight.reshaped({rows});
+  Tensor y = ops_.zeros(x.dtype(), {tokens, d});
+  if (rows > 0) ops_.scatter_add_rows(saved->y_sorted, saved->source_token, &saved->row_weight, y);
+  if (experts_->has_shared()) saved->shared_context = experts_->shared_forward(ops_, x, y);
+
+  // What the layer reports.
+  std::vector<char> served(static_cast<size_t>(tokens), 0);
+  for (int32_t t : dispatch.source_token) served[static_cast<size_t>(t)] = 1;
+  stats_.tokens_without_expert = std::count(served.begin(), served.end(), 0);
+  stats_.drop_fraction = stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
+  stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
+  stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
+  double entropy = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < experts; ++e) {
+      const double p = host_value(probs_host, t * experts + e);
+      stats_.mean_prob[static_cast<size_t>(e)] += p / static_cast<double>(tokens);
+      if (p > 0) entropy -= p * std::log(p);
+    }
+  stats_.router_entropy = tokens > 0 ? entropy / static_cast<double>(tokens) : 0.0;
+  int64_t max_load = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (stats_.assignments > 0)
+      stats_.load_fraction[static_cast<size_t>(e)] =
+          static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) / static_cast<double>(stats_.assignments);
+    max_load = std::max(max_load, stats_.tokens_per_expert[static_cast<size_t>(e)]);
+  }
+  const double mean_load = static_cast<double>(rows) / static_cast<double>(experts);
+  stats_.max_violation = mean_load > 0 ? static_cast<double>(max_load) / mean_load - 1.0 : 0.0;
+
+  saved->load.routed_per_expert = stats_.routed_per_expert;
+  saved->load.tokens_per_expert = stats_.tokens_per_expert;
+  saved->load.tokens = tokens;
+  saved->load.top_k = plan.top_k;
+  for (size_t i = 0; i < balancers_.size(); ++i) {
+    const double loss = balancers_[i]->forward(plan, saved->load, ctx);
+    stats_.balancer_losses.emplace_back(balancer_names_[i], loss);
+    stats_.aux_loss += loss;
+  }
+  if (input.training) dead_.record(stats_.tokens_per_expert, tokens);
+  saved_ = std::move(saved);
+  return y;
+}
+
+Tensor MoeLayer::backward(const Tensor& dy) {
+  MOELAB_CHECK(saved_ != nullptr, "MoE layer backward called without a forward");
+  Saved& s = *saved_;
+  const int64_t tokens = s.x.dim(0), d = spec_.d_model;
+  expect_shape(dy, {tokens, d}, "MoE layer output gradient");
+  const int64_t rows = s.offsets.back();
+  const int64_t assignments = s.plan.weight.numel();
+
+  Tensor dx = ops_.zeros(s.x.dtype(), {tokens, d});
+  if (experts_->has_shared()) experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx);
+
+  // y[t] = sum_rows w_r * expert(x_sorted)_r:  dL/dw_r = <dy[t_r], y_sorted_r>,
+  // dL/d expert output_r = w_r * dy[t_r].
+  RouterGrad grad;
+  grad.weight = ops_.zeros(s.plan.weight.dtype(), {assignments});
+  if (rows > 0) {
+    Tensor dy_sorted = ops_.empty(dy.dtype(), {rows, d});
+    ops_.gather_rows(dy, s.source_token, dy_sorted);
+    Tensor drow_weight = ops_.empty(dy.dtype(), {rows});
+    ops_.row_dot(dy_sorted, s.y_sorted, drow_weight);
+    Tensor dweight = grad.weight.reshaped({assignments, 1});
+    ops_.scatter_add_rows(drow_weight.reshaped({rows, 1}), s.order, nullptr, dweight);
+    ops_.scale_rows(s.row_weight, dy_sorted);
+    Tensor dx_sorted = ops_.empty(dy.dtype(), {rows, d});
+    experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, dy_sorted, dx_sorted);
+    ops_.scatter_add_rows(dx_sorted, s.source_token, nullptr, dx);
+  } else {
+    Tensor none = ops_.empty(dy.dtype(), {0, d});
+    experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, none, none);
+  }
+
+  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
+  RouterContext ctx{ops_, step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids,
+                    expert_bias_.defined() ? &expert_bias_ : nullptr, s.capacity_factor};
+  for (auto& balancer : balancers_) balancer->backward(s.plan, s.load, ctx, 1.0, grad);
+  router_->backward(s.x, s.plan, grad, ctx, dx);
+  return dx;
+}
+
+void MoeLayer::after_step() {
+  if (!saved_) return;
+  for (auto& balancer : balancers_) balancer->after_step(ops_, saved_->load, expert_bias_);
+}
+
+}  // namespace moelab

@@ -1,0 +1,102 @@
+#include "cli_util.hpp"
+
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <exception>
+
+#include "moelab/error.hpp"
+
+namespace moelab::cli {
+
+std::optional<std::string> ParsedArgs::option(const std::string& name) const {
+  auto it = options.find(name);
+  if (it == options.end() || it->second.empty()) return std::nullopt;
+  return it->second.back();
+}
+
+std::vector<std::string> ParsedArgs::all(const std::string& name) const {
+  auto it = options.find(name);
+  return it == options.end() ? std::vector<std::string>{} : it->second;
+}
+
+ParsedArgs parse_args(const ArgSpec& spec, const Args& args) {
+  ParsedArgs out;
+  auto is_option = [&](const std::string& n) {
+    for (const auto& [name, doc] : spec.options) if (name == n) return true;
+    return false;
+  };
+  auto is_flag = [&](const std::string& n) {
+    for (const auto& [name, doc] : spec.flags) if (name == n) return true;
+    return false;
+  };
+  const std::string usage_hint = fmt::format("usage: {}  (see --help)", spec.usage);
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") { out.help = true; continue; }
+    if (a.size() > 1 && a[0] == '-') {
+      std::string name = a, value;
+      bool has_value = false;
+      if (auto eq = a.find('='); eq != std::string::npos && a.rfind("--", 0) == 0) {
+        name = a.substr(0, eq);
+        value = a.substr(eq + 1);
+        has_value = true;
+      }
+      if (is_flag(name) && !has_value) { out.flags[name] = true; continue; }
+      if (is_option(name)) {
+        if (!has_value) {
+          if (i + 1 >= args.size()) throw UsageError(fmt::format("option {} needs a value; {}", name, usage_hint));
+          value = args[++i];
+        }
+        out.options[name].push_back(value);
+        continue;
+      }
+      throw UsageError(fmt::format("unknown option '{}'; {}", a, usage_hint));
+    }
+    out.positional.push_back(a);
+  }
+  if (!out.help) {
+    if (out.positional.size() < spec.min_positional)
+      throw UsageError(fmt::format("missing argument; {}", usage_hint));
+    if (out.positional.size() > spec.max_positional)
+      throw UsageError(fmt::format("unexpected argument '{}'; {}", out.positional[spec.max_positional], usage_hint));
+  }
+  return out;
+}
+
+std::string help_text(const ArgSpec& spec) {
+  std::string out = fmt::format("usage: {}\n\n{}\n", spec.usage, spec.description);
+  if (!spec.options.empty() || !spec.flags.empty()) out += "\noptions:\n";
+  for (const auto& [name, doc] : spec.options) out += fmt::format("  {:<22} {}\n", name + " VALUE", doc);
+  for (const auto& [name, doc] : spec.flags) out += fmt::format("  {:<22} {}\n", name, doc);
+  out += fmt::format("  {:<22} {}\n", "--help", "show this help");
+  return out;
+}
+
+void print_error(const std::string& message) {
+  std::string text = message;
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  std::fprintf(stderr, "moelab: error: %s\n", text.c_str());
+}
+
+int guarded(const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const UsageError& e) {
+    if (!e.diagnostics().empty()) {
+      for (const auto& d : e.diagnostics().items()) std::fprintf(stderr, "%s\n", d.format().c_str());
+      std::fprintf(stderr, "moelab: %zu error%s\n", e.diagnostics().size(), e.diagnostics().size() == 1 ? "" : "s");
+    } else {
+      print_error(e.what());
+    }
+    return kExitUsage;
+  } catch (const RuntimeError& e) {
+    print_error(e.what());
+    return kExitFailure;
+  } catch (const std::exception& e) {
+    print_error(fmt::format("unexpected failure: {}", e.what()));
+    return kExitFailure;
+  }
+}
+
+}  // namespace moelab::cli
