@@ -37,7 +37,14 @@ function(moelab_add_plugin name kind)
     moelab_warnings(${target})
   endif()
   if(NOT ARG_NO_INSTALL AND DEFINED MOELAB_PLUGIN_INSTALL_DIR)
+    # Installed in-tree plugins live in <prefix>/lib/moelab/plugins and find libmoelab two levels up
+    # (the loading process has usually loaded it already; this covers tools such as ldd).
+    set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN/../..")
     install(TARGETS ${target} LIBRARY DESTINATION "${MOELAB_PLUGIN_INSTALL_DIR}")
   endif()
-  set_property(GLOBAL APPEND PROPERTY MOELAB_PLUGIN_TARGETS ${target})
+  # The plugins of the build's own plugin folder (what a full build must have made before tests
+  # run); fixture plugins built elsewhere with OUTPUT_DIR are not among them.
+  if(NOT ARG_OUTPUT_DIR)
+    set_property(GLOBAL APPEND PROPERTY MOELAB_PLUGIN_TARGETS ${target})
+  endif()
 endfunction()

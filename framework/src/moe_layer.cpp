@@ -131,6 +131,7 @@ struct MoeLayer::Saved {
   const Tensor* token_ids = nullptr;
   double capacity_factor = 1.0;
   std::vector<int64_t> offsets;
+  std::vector<int32_t> final_expert;
   Tensor order;         // [R] i32: assignment of each dispatched row
   Tensor source_token;  // [R] i32
   Tensor row_weight;    // [R]: combine weight of each dispatched row
@@ -227,6 +228,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   stats_.dropped = dispatch.dropped;
   stats_.rerouted = dispatch.rerouted;
   saved->offsets = dispatch.offsets;
+  saved->final_expert = dispatch.final_expert;
   const int64_t rows = dispatch.offsets.back();
 
   // Dispatch: gather token rows into expert order; run the experts; combine with the weights.
@@ -319,6 +321,16 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   for (auto& balancer : balancers_) balancer->backward(s.plan, s.load, ctx, 1.0, grad);
   router_->backward(s.x, s.plan, grad, ctx, dx);
   return dx;
+}
+
+const RoutingPlan& MoeLayer::last_plan() const {
+  MOELAB_CHECK(saved_ != nullptr, "the MoE layer has not run a forward yet");
+  return saved_->plan;
+}
+
+const std::vector<int32_t>& MoeLayer::last_final_expert() const {
+  MOELAB_CHECK(saved_ != nullptr, "the MoE layer has not run a forward yet");
+  return saved_->final_expert;
 }
 
 void MoeLayer::after_step() {

@@ -2,7 +2,10 @@
 // cpu kernel the copies are views, so these are as fast as a plain loop there.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <vector>
 
 #include "moelab/kernel.hpp"
 
@@ -132,6 +135,99 @@ void Ops::adamw_update(const AdamW& h, const Tensor& grad, Tensor& param, Tensor
   store(*this, hp, param);
   store(*this, hm, m);
   store(*this, hv, v);
+}
+
+void Ops::transpose(const Tensor& x, Tensor& y) {
+  MOELAB_CHECK(x.rank() == 2 && y.rank() == 2 && x.dtype() == y.dtype() && y.dim(0) == x.dim(1) && y.dim(1) == x.dim(0),
+               "transpose: expected y [{}, {}] of {} for x {}, got {}", x.rank() == 2 ? x.dim(1) : -1,
+               x.rank() == 2 ? x.dim(0) : -1, dtype_name(x.dtype()), x.describe(), y.describe());
+  const Tensor hx = to_host(x);
+  Tensor hy = y.device() == DeviceKind::cpu ? y : host_tensor(y.dtype(), y.shape());
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  const size_t element = dtype_size(x.dtype());
+  const char* px = static_cast<const char*>(hx.raw());
+  char* py = static_cast<char*>(hy.raw());
+  // Byte copies: any dtype (indices included) transposes the same way.
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      std::copy_n(px + static_cast<size_t>(r * cols + c) * element, element,
+                  py + static_cast<size_t>(c * rows + r) * element);
+  store(*this, hy, y);
+}
+
+void Ops::grouped_topk_rows(const Tensor& scores, int k, const Tensor* bias, int groups, int keep_groups, int group_top,
+                            Tensor& values, Tensor& indices) {
+  MOELAB_CHECK(scores.rank() == 2, "grouped_topk_rows: expected a matrix of scores, got {}", scores.describe());
+  const int64_t rows = scores.dim(0), experts = scores.dim(1);
+  MOELAB_CHECK(groups >= 1 && experts % groups == 0, "grouped_topk_rows: {} columns do not split into {} groups",
+               experts, groups);
+  const int64_t group_size = experts / groups;
+  MOELAB_CHECK(keep_groups >= 1 && keep_groups <= groups, "grouped_topk_rows: keep_groups = {} of {} groups",
+               keep_groups, groups);
+  MOELAB_CHECK(group_top >= 1 && group_top <= group_size,
+               "grouped_topk_rows: group_top = {} must be between 1 and the group size {}", group_top, group_size);
+  MOELAB_CHECK(k >= 1 && k <= keep_groups * group_size,
+               "grouped_topk_rows: k = {} must be between 1 and the {} columns of the {} kept groups", k,
+               keep_groups * group_size, keep_groups);
+  MOELAB_CHECK(values.dtype() == scores.dtype() && values.shape() == Shape({rows, k}),
+               "grouped_topk_rows: values must be {}[{}, {}], got {}", dtype_name(scores.dtype()), rows, k,
+               values.describe());
+  MOELAB_CHECK(indices.dtype() == DType::i32 && indices.shape() == Shape({rows, k}),
+               "grouped_topk_rows: indices must be i32[{}, {}], got {}", rows, k, indices.describe());
+  if (bias != nullptr)
+    MOELAB_CHECK(bias->dtype() == scores.dtype() && bias->shape() == Shape({experts}),
+                 "grouped_topk_rows: bias must be {}[{}], got {}", dtype_name(scores.dtype()), experts,
+                 bias->describe());
+  const Tensor hs = to_host(scores);
+  const Tensor hb = bias != nullptr ? to_host(*bias) : Tensor{};
+  Tensor hv = values.device() == DeviceKind::cpu ? values : host_tensor(values.dtype(), values.shape());
+  Tensor hi = indices.device() == DeviceKind::cpu ? indices : host_tensor(DType::i32, indices.shape());
+  with_float_type(scores.dtype(), "grouped_topk_rows", [&](auto zero) {
+    using T = decltype(zero);
+    const T* ps = hs.data<T>();
+    const T* pb = bias != nullptr ? hb.data<T>() : nullptr;
+    T* pv = hv.data<T>();
+    int32_t* pi = hi.data<int32_t>();
+    std::vector<T> keys(static_cast<size_t>(experts));
+    std::vector<T> group_score(static_cast<size_t>(groups));
+    std::vector<int32_t> order(static_cast<size_t>(experts)), group_order(static_cast<size_t>(groups));
+    std::vector<int32_t> eligible;
+    const auto descending = [](const std::vector<T>& key) {
+      return [&key](int32_t i, int32_t j) { return key[i] > key[j] || (key[i] == key[j] && i < j); };
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = ps + r * experts;
+      for (int64_t e = 0; e < experts; ++e) {
+        keys[e] = pb ? row[e] + pb[e] : row[e];
+        // NaN has no rank; refuse it (it means the run diverged), as topk_rows does.
+        MOELAB_CHECK(!std::isnan(keys[e]), "grouped_topk_rows: scores{} at row {}, column {} is NaN",
+                     pb ? " + bias" : "", r, e);
+      }
+      // Group scores: the sum of each group's group_top largest keys.
+      for (int g = 0; g < groups; ++g) {
+        int32_t* begin = order.data() + g * group_size;
+        std::iota(begin, begin + group_size, static_cast<int32_t>(g * group_size));
+        std::partial_sort(begin, begin + group_top, begin + group_size, descending(keys));
+        T sum = 0;
+        for (int j = 0; j < group_top; ++j) sum += keys[begin[j]];
+        group_score[g] = sum;
+      }
+      std::iota(group_order.begin(), group_order.end(), 0);
+      std::partial_sort(group_order.begin(), group_order.begin() + keep_groups, group_order.end(),
+                        descending(group_score));
+      eligible.clear();
+      for (int j = 0; j < keep_groups; ++j)
+        for (int64_t e = group_order[j] * group_size; e < (group_order[j] + 1) * group_size; ++e)
+          eligible.push_back(static_cast<int32_t>(e));
+      std::partial_sort(eligible.begin(), eligible.begin() + k, eligible.end(), descending(keys));
+      for (int j = 0; j < k; ++j) {
+        pv[r * k + j] = row[eligible[j]];
+        pi[r * k + j] = eligible[j];
+      }
+    }
+  });
+  store(*this, hv, values);
+  store(*this, hi, indices);
 }
 
 }  // namespace moelab

@@ -241,8 +241,15 @@ TEST_CASE("capacity: first choices are served before second choices and drops ar
   Rng rng3(7);
   MoeLayer moved(reroute, small_spec(), fixture().registry, ops, rng3);
   moved.forward(x, LayerInput{});
-  CHECK(moved.stats().dropped + moved.stats().rerouted == s.dropped);
-  CHECK(moved.stats().dropped <= s.dropped);
+  // Rerouting moves assignments, so it can change which later ones overflow: what holds is that
+  // every assignment is either processed once or counted as dropped, within capacity.
+  int64_t moved_processed = 0;
+  for (int64_t n : moved.stats().tokens_per_expert) {
+    CHECK(n <= moved.stats().capacity);
+    moved_processed += n;
+  }
+  CHECK(moved_processed + moved.stats().dropped == moved.stats().assignments);
+  CHECK(moved.stats().rerouted > 0);
 }
 
 TEST_CASE("dispatch serves first choices before second choices, then overflows by policy") {

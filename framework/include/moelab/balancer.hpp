@@ -24,7 +24,9 @@ class Balancer : public Module {
   // loss return 0. Called in training and evaluation (evaluation reports it, adds no gradient).
   virtual double forward(const RoutingPlan& plan, const LayerLoad& load, const RouterContext& ctx) = 0;
   // Adds d(loss)/d plan.logits and/or d(loss)/d plan.probs, scaled by grad_loss, into `grad`
-  // (allocating grad.logits / grad.probs with zeros where undefined).
+  // (allocating grad.logits / grad.probs with zeros where undefined). A loss that depends on the
+  // combine weights (cv_squared's importance) adds into grad.weight [A]: the layer allocates it,
+  // holding the gradient from the layer output, before any balancer's backward runs.
   virtual void backward(const RoutingPlan& plan, const LayerLoad& load, const RouterContext& ctx,
                         double grad_loss, RouterGrad& grad) = 0;
 

@@ -115,8 +115,9 @@ class Ops {
 
   // --- optional slots ----------------------------------------------------------------------
   // These have a generic implementation (on the host, through to_host/copy) so that a new kernel
-  // works before it specialises them; a fast kernel overrides them. Ops added after ABI 1.0 go
-  // here, with a fallback, so that older kernels keep working.
+  // works before it specialises them, and a fast kernel overrides only what it needs. Adding a
+  // slot still changes the vtable, so it is an ABI major change (a kernel built before it would
+  // lack the slot): the fallback saves kernel authors work, not recompiles.
 
   // out = a * b elementwise (out may alias a or b).
   virtual void mul(const Tensor& a, const Tensor& b, Tensor& out);
@@ -135,6 +136,17 @@ class Ops {
     int64_t step;  // t, 1-based
   };
   virtual void adamw_update(const AdamW& hyper, const Tensor& grad, Tensor& param, Tensor& m, Tensor& v);
+  // y[C, R] = x[R, C]^T  (expert-choice routing ranks the tokens of each expert along a row).
+  virtual void transpose(const Tensor& x, Tensor& y);
+  // Group-limited top-k (DeepSeek-V2's group-limited greedy and V3's node-limited routing). The E
+  // columns of scores[R,E] form `groups` contiguous groups of E/groups. Per row, with keys =
+  // scores (+ bias [E] when given): a group's score is the sum of its `group_top` largest keys
+  // (V3: 2, V2's max: 1); the `keep_groups` best groups stay eligible (ties: lower group first);
+  // the k largest eligible keys are returned as topk_rows returns them: values[R,k] the unbiased
+  // scores in descending key order (ties: lower index first), indices[R,k] i32. Entries of dropped
+  // groups are never selected. groups = keep_groups = 1 is topk_rows.
+  virtual void grouped_topk_rows(const Tensor& scores, int k, const Tensor* bias, int groups, int keep_groups,
+                                 int group_top, Tensor& values, Tensor& indices);
 };
 
 }  // namespace moelab

@@ -97,7 +97,12 @@ class MoeLayer : public Module {
   const LayerSpec& spec() const { return spec_; }
   Router& router() { return *router_; }
   Experts& experts() { return *experts_; }
-  const Tensor& expert_bias() const { return expert_bias_; }  // undefined unless a balancer uses it
+  // The selection-only bias [E] of aux-loss-free balancing; undefined unless a balancer uses it.
+  Tensor& expert_bias() { return expert_bias_; }
+  // The last forward's routing plan, and the expert that processed each of its assignments after
+  // capacity (-1: dropped or not dispatched). Valid until the next forward.
+  const RoutingPlan& last_plan() const;
+  const std::vector<int32_t>& last_final_expert() const;
   std::vector<Parameter*> parameters() override;
   // Every parameter with its name in weights files: "router.weight", "experts.w_in", ...
   std::vector<std::pair<std::string, Parameter*>> named_parameters();

@@ -1,0 +1,589 @@
+// Recipe -> RunConfig: every core section and plugin table checked against its schema, every
+// problem collected with its place, defaults filled into the recipe so that it prints complete.
+#include "moelab/config.hpp"
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "moelab/registry.hpp"
+
+namespace moelab {
+
+namespace fs = std::filesystem;
+
+const char* overflow_name(Overflow overflow) {
+  switch (overflow) {
+    case Overflow::drop:
+      return "drop";
+    case Overflow::reroute:
+      return "reroute";
+    case Overflow::dropless:
+      return "dropless";
+  }
+  return "?";
+}
+
+std::vector<SectionSchema> core_schema() {
+  return {
+      {"",
+       {param_string("name", "", "run name; default: the recipe file's name without extension"),
+        param_string("description", "", "free text, kept in the run folder"),
+        param_int("seed", 1, "seed of every random stream of the run").at_least(0),
+        param_choice("device", "cpu", {"cpu", "cuda"}, "where tensors live; also the default kernel plugin")}},
+      {"plugins",
+       {param_string_list("paths", {},
+                          "extra plugin folders, relative to the file that sets them; scanned before "
+                          "the plugin tables are checked")}},
+      {"kernel", {param_string("type", "", "kernel plugin; default: the device's name. Its parameters follow")}},
+      {"model",
+       {param_int("d_model", 64, "hidden size of the tokens the MoE layer sees").at_least(1),
+        param_choice("dtype", "f32", {"f32", "f64"}, "parameter and activation dtype")}},
+      {"moe",
+       {param_int("num_experts", 8, "routed experts, as the recipe states them").at_least(1),
+        param_int("top_k", 2, "experts per token; at most num_experts").at_least(1),
+        param_float("capacity_factor", 1.25, "expert capacity in training, times tokens*k/experts; > 0"),
+        param_float("eval_capacity_factor", 2.0, "expert capacity in evaluation; > 0"),
+        param_choice("overflow", "drop", {"drop", "reroute", "dropless"},
+                     "what happens to a token beyond an expert's capacity"),
+        param_int("dead_expert_window", 10000, "tokens an expert may go unused before it is reported dead")
+            .at_least(1)}},
+      {"moe.router", {param_string("type", "", "router plugin. Its parameters follow").required()}},
+      {"moe.experts", {param_string("type", "", "expert layout plugin. Its parameters follow").required()}},
+      {"moe.balancers",
+       {param_string("type", "",
+                     "[[moe.balancers]]: one table per balancer plugin, each with its parameters; "
+                     "none by default")
+            .required()}},
+      {"train",
+       {param_int("steps", 200, "optimiser steps").at_least(1),
+        param_int("batch_size", 8, "sequences per step").at_least(1),
+        param_int("seq_len", 64, "tokens per sequence").at_least(1), param_float("lr", 1e-3, "learning rate; > 0"),
+        param_float("weight_decay", 0.0, "decoupled weight decay").at_least(0),
+        param_float("grad_clip", 1.0, "global gradient norm clip; 0 disables").at_least(0),
+        param_int("log_every", 10, "steps between metric lines").at_least(1),
+        param_int("eval_every", 50, "steps between evaluations; 0 disables").at_least(0),
+        param_int("eval_batches", 4, "batches per evaluation").at_least(1)}},
+      {"task",
+       {param_choice("kind", "regression", {"regression"}, "the synthetic task"),
+        param_int("clusters", 8, "clusters of the token mixture, each with its own teacher").at_least(1),
+        param_float("noise", 0.01, "standard deviation of the target noise").at_least(0)}},
+      {"output", {param_string("dir", "runs", "parent folder of run folders, relative to the working directory")}},
+  };
+}
+
+namespace {
+
+const ParamSchema& schema_of(const std::vector<SectionSchema>& sections, const std::string& key) {
+  for (const auto& s : sections)
+    if (s.key == key) return s.params;
+  MOELAB_CHECK(false, "no core section '{}'", key);
+  static const ParamSchema none;
+  return none;
+}
+
+std::vector<std::string> names_of(const ParamSchema& schema) {
+  std::vector<std::string> names;
+  for (const auto& spec : schema) names.push_back(spec.name);
+  return names;
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ", ") + item;
+  return out;
+}
+
+std::string node_kind(const toml::node& node) {
+  switch (node.type()) {
+    case toml::node_type::table:
+      return "table";
+    case toml::node_type::array:
+      return "array";
+    case toml::node_type::string:
+      return "string";
+    case toml::node_type::integer:
+      return "integer";
+    case toml::node_type::floating_point:
+      return "float";
+    case toml::node_type::boolean:
+      return "boolean";
+    case toml::node_type::date:
+      return "date";
+    case toml::node_type::time:
+      return "time";
+    case toml::node_type::date_time:
+      return "date-time";
+    default:
+      return "nothing";
+  }
+}
+
+// What a value is, for messages: 'a table', 'string "glu"', 'array [1, 2]'.
+std::string describe(const toml::node& node) {
+  if (node.is_table()) return "a table";
+  std::string text = toml_value_text(node);
+  if (text.size() > 60) text = text.substr(0, 57) + "...";
+  return node_kind(node) + " " + text;
+}
+
+// A TOML value as the ParamValue closest to `expected`; nothing for tables, dates and arrays of
+// mixed or nested types.
+std::optional<ParamValue> to_param_value(const toml::node& node, ParamType expected) {
+  if (const auto* v = node.as_boolean()) return ParamValue{v->get()};
+  if (const auto* v = node.as_integer()) return ParamValue{v->get()};
+  if (const auto* v = node.as_floating_point()) return ParamValue{v->get()};
+  if (const auto* v = node.as_string()) return ParamValue{v->get()};
+  const auto* array = node.as_array();
+  if (!array) return std::nullopt;
+  if (array->empty()) {
+    switch (expected) {
+      case ParamType::integer_list:
+        return ParamValue{std::vector<int64_t>{}};
+      case ParamType::real_list:
+        return ParamValue{std::vector<double>{}};
+      default:
+        return ParamValue{std::vector<std::string>{}};
+    }
+  }
+  std::vector<int64_t> ints;
+  std::vector<double> reals;
+  std::vector<std::string> strings;
+  for (const auto& element : *array) {
+    if (const auto* i = element.as_integer()) {
+      ints.push_back(i->get());
+      reals.push_back(static_cast<double>(i->get()));
+    } else if (const auto* r = element.as_floating_point()) {
+      reals.push_back(r->get());
+    } else if (const auto* s = element.as_string()) {
+      strings.push_back(s->get());
+    } else {
+      return std::nullopt;
+    }
+  }
+  if (strings.size() == array->size()) return ParamValue{std::move(strings)};
+  if (ints.size() == array->size() && expected != ParamType::real_list) return ParamValue{std::move(ints)};
+  if (reals.size() == array->size()) return ParamValue{std::move(reals)};
+  return std::nullopt;
+}
+
+// Widens integers where the schema wants floats, so the value (and the printed recipe) has the
+// declared type.
+ParamValue as_declared(const ParamSpec& spec, ParamValue value) {
+  if (spec.type == ParamType::real)
+    if (const auto* i = std::get_if<int64_t>(&value)) return static_cast<double>(*i);
+  if (spec.type == ParamType::real_list)
+    if (const auto* v = std::get_if<std::vector<int64_t>>(&value)) return std::vector<double>(v->begin(), v->end());
+  return value;
+}
+
+void put(toml::table& table, const std::string& name, const ParamValue& value) {
+  std::visit(
+      [&](const auto& v) {
+        using T = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, int64_t> || std::is_same_v<T, double> ||
+                      std::is_same_v<T, std::string>) {
+          table.insert_or_assign(name, v);
+        } else {
+          toml::array array;
+          for (const auto& element : v) array.push_back(element);
+          table.insert_or_assign(name, std::move(array));
+        }
+      },
+      value);
+}
+
+// The dotted key one level up ("moe.router.type" -> "moe.router", "moe.balancers[1]" ->
+// "moe.balancers"), respecting quoted keys.
+std::string parent_key(const std::string& key) {
+  size_t cut = 0;
+  bool quoted = false;
+  for (size_t i = 0; i < key.size(); ++i) {
+    if (key[i] == '\\' && quoted) {
+      ++i;
+      continue;
+    }
+    if (key[i] == '"')
+      quoted = !quoted;
+    else if (!quoted && (key[i] == '.' || key[i] == '['))
+      cut = i;
+  }
+  return key.substr(0, cut);
+}
+
+std::string plural(PluginKind kind) {
+  return kind == PluginKind::experts ? "expert layout" : plugin_kind_name(kind);
+}
+
+class Validator {
+ public:
+  Validator(Recipe& recipe, PluginRegistry& registry, Diagnostics& diagnostics)
+      : recipe_(recipe), registry_(registry), diagnostics_(diagnostics) {}
+
+  // A diagnostic at the key's value (or the key itself), or, for a key the recipe does not
+  // have, at the nearest enclosing table the recipe does have.
+  void error(const std::string& key, std::string message, std::string hint = {}, bool at_key = false) {
+    Diagnostic d;
+    d.where = at_key ? recipe_.where_key(key) : recipe_.where(key);
+    std::string located = key;
+    while (!d.where.known() && !located.empty()) {
+      located = parent_key(located);
+      d.where = recipe_.where(located);
+    }
+    if (!d.where.known()) d.where = SourceLocation{recipe_.path().string(), 0, 0};
+    d.key = key;
+    d.message = std::move(message);
+    d.hint = std::move(hint);
+    d.note = recipe_.note(located);
+    diagnostics_.add(std::move(d));
+  }
+
+  size_t errors() const { return diagnostics_.size(); }
+
+  // The table at `parent`.`name`, created empty when absent; nullptr (reported) when it is not a table.
+  toml::table* section(toml::table& parent, const std::string& parent_path, const std::string& name) {
+    const std::string path = Recipe::key_path(parent_path, name);
+    toml::node* node = parent.get(name);
+    if (!node) {
+      parent.insert(name, toml::table{});
+      return parent.get(name)->as_table();
+    }
+    if (auto* table = node->as_table()) return table;
+    error(path, fmt::format("expected a table, got {}", describe(*node)),
+          node->is_string() && (name == "router" || name == "experts" || name == "kernel")
+              ? fmt::format("write [{}] with type = \"{}\"", path, node->as_string()->get())
+              : fmt::format("write [{}] followed by its keys", path));
+    return nullptr;
+  }
+
+  // Checks `table` against `schema` (plus `other_keys`, handled by the caller), fills defaults
+  // into it and returns the values.
+  ParamSet params(toml::table& table, const std::string& path, const ParamSchema& schema,
+                  const std::vector<std::string>& other_keys) {
+    std::vector<std::string> valid = names_of(schema);
+    valid.insert(valid.end(), other_keys.begin(), other_keys.end());
+    for (auto&& [key, node] : table) {
+      const std::string name(key.str());
+      if (std::find(valid.begin(), valid.end(), name) != valid.end()) continue;
+      const std::string near = nearest_name(name, valid);
+      std::vector<std::string> sorted = valid;
+      std::sort(sorted.begin(), sorted.end());
+      error(Recipe::key_path(path, name),
+            path.empty() ? fmt::format("unknown key '{}'", name) : fmt::format("unknown key '{}' in [{}]", name, path),
+            near.empty() ? fmt::format("valid keys: {}", join(sorted)) : fmt::format("did you mean '{}'?", near), true);
+    }
+    ParamSet set;
+    for (const auto& spec : schema) {
+      const std::string key = Recipe::key_path(path, spec.name);
+      const toml::node* node = table.get(spec.name);
+      if (!node) {
+        if (spec.default_value) {
+          put(table, spec.name, *spec.default_value);
+          set.set(spec.name, *spec.default_value);
+        } else {
+          error(key, fmt::format("missing required key '{}' ({})", spec.name, param_type_name(spec.type)));
+        }
+        continue;
+      }
+      std::optional<ParamValue> value = to_param_value(*node, spec.type);
+      if (!value) {
+        error(key, fmt::format("expected {}, got {}", param_type_name(spec.type), describe(*node)),
+              node->is_table() ? fmt::format("'{}' is a value, not a table", spec.name) : std::string{});
+        continue;
+      }
+      if (std::string problem = check_param_value(spec, *value); !problem.empty()) {
+        std::string hint;
+        if (!spec.choices.empty())
+          if (const auto* s = std::get_if<std::string>(&*value))
+            if (auto near = nearest_name(*s, spec.choices); !near.empty())
+              hint = fmt::format("did you mean \"{}\"?", near);
+        error(key, std::move(problem), std::move(hint));
+        continue;
+      }
+      ParamValue declared = as_declared(spec, std::move(*value));
+      if (declared.index() != to_param_value(*node, spec.type)->index()) put(table, spec.name, declared);
+      set.set(spec.name, std::move(declared), recipe_.where(key));
+    }
+    return set;
+  }
+
+  // Strictly positive floats: ParamSpec bounds are inclusive, so these carry no bound in the
+  // schema (their doc says "> 0") and are checked here.
+  void require_positive(const ParamSet& set, const std::string& path, const std::string& name) {
+    if (set.has(name) && set.get_float(name) <= 0)
+      error(Recipe::key_path(path, name),
+            fmt::format("must be greater than 0, got {}", param_value_str(ParamValue{set.get_float(name)})));
+  }
+
+  // A plugin table: `type` names a plugin of `kind`, the other keys are its parameters.
+  // `default_type`: the type when the table has none (the kernel's is the device name).
+  std::optional<PluginChoice> plugin(toml::table& table, const std::string& path, PluginKind kind,
+                                     const std::optional<std::string>& default_type, const PluginInfo** found) {
+    const std::string type_key = Recipe::key_path(path, "type");
+    const std::vector<std::string> known = registry_.names(kind);
+    auto known_hint = [&](const std::string& near) {
+      std::string hint = near.empty() ? "" : fmt::format("did you mean '{}'? ", near);
+      if (known.empty()) {
+        std::vector<std::string> folders;
+        for (const auto& f : registry_.searched()) folders.push_back(f.string());
+        hint += fmt::format("no {} plugins were found (searched: {})", plural(kind),
+                            folders.empty() ? std::string("nothing") : join(folders));
+      } else {
+        hint += fmt::format("known {} plugins: {}", plural(kind), join(known));
+      }
+      return hint;
+    };
+    const toml::node* type_node = table.get("type");
+    std::string type;
+    bool defaulted = false;
+    if (!type_node) {
+      if (!default_type) {
+        error(type_key, fmt::format("missing required key 'type': the {} plugin to use", plural(kind)), known_hint(""));
+        return std::nullopt;
+      }
+      type = *default_type;
+      defaulted = true;
+      table.insert("type", type);
+    } else if (const auto* s = type_node->as_string()) {
+      type = s->get();
+    } else {
+      error(type_key, fmt::format("expected a {} plugin name (string), got {}", plural(kind), describe(*type_node)),
+            known_hint(""));
+      return std::nullopt;
+    }
+    const PluginInfo* info = registry_.find(kind, type);
+    if (!info) {
+      std::string hint = known_hint(nearest_name(type, known));
+      if (const PluginInfo* other = registry_.find_any(type))
+        hint += fmt::format("; '{}' is a {} plugin", type, plugin_kind_name(other->kind));
+      if (!registry_.problems().empty())
+        hint +=
+            fmt::format("; {} plugin file(s) could not be loaded, see 'moelab plugins'", registry_.problems().size());
+      if (defaulted)
+        error("device", fmt::format("no kernel plugin '{}' for device \"{}\"", type, type), std::move(hint));
+      else
+        error(type_key, fmt::format("unknown {} plugin '{}'", plural(kind), type), std::move(hint));
+      return std::nullopt;
+    }
+    *found = info;
+    const size_t before = errors();
+    ParamSet params = this->params(table, path, info->schema, {"type"});
+    if (errors() != before) return std::nullopt;
+    return PluginChoice{type, std::move(params), path};
+  }
+
+  // Runs a plugin's own cross-field check, each problem at the parameter it names.
+  void plugin_check(const PluginInfo& info, const PluginChoice& choice, const LayerSpec& layer) {
+    if (!info.manifest || !info.manifest->check) return;
+    ParamProblems problems;
+    info.manifest->check(choice.params, layer, problems);
+    for (const auto& problem : problems)
+      error(problem.param.empty() ? choice.key : Recipe::key_path(choice.key, problem.param), problem.message,
+            fmt::format("reported by the {} plugin '{}'", plural(info.kind), info.name));
+  }
+
+ private:
+  Recipe& recipe_;
+  PluginRegistry& registry_;
+  Diagnostics& diagnostics_;
+};
+
+}  // namespace
+
+RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
+  Diagnostics diagnostics;
+  Validator check(recipe, registry, diagnostics);
+  toml::table& root = recipe.table();
+  const std::vector<SectionSchema> sections = core_schema();
+  RunConfig config;
+
+  if (root.contains("sweep")) {
+    check.error("sweep", "[sweep] describes several runs and this takes one",
+                "moelab check and moelab run expand the sweep; to look at one run, use moelab show --point N");
+    diagnostics.throw_if_any();
+  }
+
+  // --- top level -----------------------------------------------------------------------------
+  ParamSchema top = schema_of(sections, "");
+  for (auto& spec : top)
+    if (spec.name == "name") spec.default_value = ParamValue{recipe.path().stem().string()};
+  std::vector<std::string> section_names;
+  for (const auto& s : sections)
+    if (!s.key.empty() && s.key.find('.') == std::string::npos) section_names.push_back(s.key);
+  const ParamSet top_values = check.params(root, "", top, section_names);
+  if (top_values.has("name")) config.name = top_values.get_string("name");
+  if (top_values.has("description")) config.description = top_values.get_string("description");
+  if (top_values.has("seed")) config.seed = static_cast<uint64_t>(top_values.get_int("seed"));
+  if (top_values.has("device")) config.device = top_values.get_string("device");
+
+  // --- [plugins]: scanned before any plugin table is checked ------------------------------------
+  if (toml::table* plugins = check.section(root, "", "plugins")) {
+    const ParamSet values = check.params(*plugins, "plugins", schema_of(sections, "plugins"), {});
+    if (values.has("paths")) {
+      // Relative to the file that set them (an override's pseudo-file: the working directory).
+      const std::vector<std::string>& paths = values.get_string_list("paths");
+      toml::array absolute_paths;
+      for (size_t i = 0; i < paths.size(); ++i) {
+        const std::string key = Recipe::index_path("plugins.paths", i);
+        SourceLocation set_in = recipe.where(key);
+        if (!set_in.known()) set_in = recipe.where("plugins.paths");
+        fs::path base = fs::current_path();
+        if (set_in.known() && set_in.file.front() != '<') base = fs::absolute(fs::path(set_in.file)).parent_path();
+        const fs::path folder = (base / paths[i]).lexically_normal();
+        std::error_code ec;
+        if (!fs::is_directory(folder, ec))
+          check.error(
+              key, fmt::format("plugin folder '{}' does not exist", folder.string()),
+              fmt::format("'{}' is resolved against the folder of {}", paths[i],
+                          set_in.known() && set_in.file.front() != '<' ? set_in.file : "the working directory"));
+        config.plugin_paths.push_back(folder);
+        absolute_paths.push_back(folder.string());
+      }
+      plugins->insert_or_assign("paths", std::move(absolute_paths));
+      registry.scan(config.plugin_paths);
+    }
+  }
+
+  // --- [kernel] ----------------------------------------------------------------------------------
+  const PluginInfo* kernel_info = nullptr;
+  if (toml::table* kernel = check.section(root, "", "kernel")) {
+    if (auto choice = check.plugin(*kernel, "kernel", PluginKind::kernel, config.device, &kernel_info))
+      config.kernel = std::move(*choice);
+  }
+
+  // --- [model] -----------------------------------------------------------------------------------
+  const size_t before_layer = check.errors();
+  if (toml::table* model = check.section(root, "", "model")) {
+    const ParamSet values = check.params(*model, "model", schema_of(sections, "model"), {});
+    if (values.has("d_model")) config.model.d_model = values.get_int("d_model");
+    if (values.has("dtype")) config.model.dtype = values.get_string("dtype") == "f64" ? DType::f64 : DType::f32;
+  }
+
+  // --- [moe] -------------------------------------------------------------------------------------
+  const PluginInfo* router_info = nullptr;
+  const PluginInfo* experts_info = nullptr;
+  std::vector<const PluginInfo*> balancer_infos;
+  bool plugins_ok = false;
+  if (toml::table* moe = check.section(root, "", "moe")) {
+    const ParamSet values = check.params(*moe, "moe", schema_of(sections, "moe"), {"router", "experts", "balancers"});
+    check.require_positive(values, "moe", "capacity_factor");
+    check.require_positive(values, "moe", "eval_capacity_factor");
+    MoeConfig& m = config.moe;
+    if (values.has("num_experts")) m.num_experts = values.get_int("num_experts");
+    if (values.has("top_k")) m.top_k = values.get_int("top_k");
+    if (values.has("capacity_factor")) m.capacity_factor = values.get_float("capacity_factor");
+    if (values.has("eval_capacity_factor")) m.eval_capacity_factor = values.get_float("eval_capacity_factor");
+    if (values.has("overflow")) {
+      const std::string& o = values.get_string("overflow");
+      m.overflow = o == "reroute" ? Overflow::reroute : o == "dropless" ? Overflow::dropless : Overflow::drop;
+    }
+    if (values.has("dead_expert_window")) m.dead_expert_window = values.get_int("dead_expert_window");
+    if (values.has("top_k") && values.has("num_experts") && m.top_k > m.num_experts) {
+      const bool top_k_set = recipe.where("moe.top_k").known();
+      check.error(top_k_set ? "moe.top_k" : "moe.num_experts",
+                  fmt::format("top_k ({}) must be at most num_experts ({})", m.top_k, m.num_experts),
+                  top_k_set ? "each token picks top_k distinct experts"
+                            : fmt::format("top_k defaults to {}; set moe.top_k, or use more experts", m.top_k));
+    }
+
+    bool ok = true;
+    if (toml::table* router = check.section(*moe, "moe", "router")) {
+      if (auto choice = check.plugin(*router, "moe.router", PluginKind::router, std::nullopt, &router_info))
+        m.router = std::move(*choice);
+      else
+        ok = false;
+    } else
+      ok = false;
+    if (toml::table* experts = check.section(*moe, "moe", "experts")) {
+      if (auto choice = check.plugin(*experts, "moe.experts", PluginKind::experts, std::nullopt, &experts_info))
+        m.experts = std::move(*choice);
+      else
+        ok = false;
+    } else
+      ok = false;
+
+    toml::node* balancers = moe->get("balancers");
+    if (!balancers) {
+      moe->insert("balancers", toml::array{});
+    } else if (auto* array = balancers->as_array()) {
+      for (size_t i = 0; i < array->size(); ++i) {
+        const std::string key = Recipe::index_path("moe.balancers", i);
+        auto* table = array->get(i)->as_table();
+        if (!table) {
+          check.error(key, fmt::format("expected a table, got {}", describe(*array->get(i))),
+                      "write [[moe.balancers]] with type = \"...\" for each balancer");
+          ok = false;
+          continue;
+        }
+        const PluginInfo* info = nullptr;
+        if (auto choice = check.plugin(*table, key, PluginKind::balancer, std::nullopt, &info)) {
+          m.balancers.push_back(std::move(*choice));
+          balancer_infos.push_back(info);
+        } else
+          ok = false;
+      }
+    } else {
+      check.error("moe.balancers", fmt::format("expected an array of tables, got {}", describe(*balancers)),
+                  "write [[moe.balancers]] (double brackets) with type = \"...\" for each balancer");
+      ok = false;
+    }
+    plugins_ok = ok;
+  }
+
+  // --- [train], [task], [output] -------------------------------------------------------------------
+  if (toml::table* train = check.section(root, "", "train")) {
+    const ParamSet values = check.params(*train, "train", schema_of(sections, "train"), {});
+    check.require_positive(values, "train", "lr");
+    TrainConfig& t = config.train;
+    if (values.has("steps")) t.steps = values.get_int("steps");
+    if (values.has("batch_size")) t.batch_size = values.get_int("batch_size");
+    if (values.has("seq_len")) t.seq_len = values.get_int("seq_len");
+    if (values.has("lr")) t.lr = values.get_float("lr");
+    if (values.has("weight_decay")) t.weight_decay = values.get_float("weight_decay");
+    if (values.has("grad_clip")) t.grad_clip = values.get_float("grad_clip");
+    if (values.has("log_every")) t.log_every = values.get_int("log_every");
+    if (values.has("eval_every")) t.eval_every = values.get_int("eval_every");
+    if (values.has("eval_batches")) t.eval_batches = values.get_int("eval_batches");
+  }
+  if (toml::table* task = check.section(root, "", "task")) {
+    const ParamSet values = check.params(*task, "task", schema_of(sections, "task"), {});
+    if (values.has("kind")) config.task.kind = values.get_string("kind");
+    if (values.has("clusters")) config.task.clusters = values.get_int("clusters");
+    if (values.has("noise")) config.task.noise = values.get_float("noise");
+  }
+  if (toml::table* output = check.section(root, "", "output")) {
+    const ParamSet values = check.params(*output, "output", schema_of(sections, "output"), {});
+    if (values.has("dir")) config.output_dir = values.get_string("dir");
+  }
+
+  // --- the layer as the plugins see it, and their own cross-field rules ------------------------------
+  // Only when the values they would read are valid: a check on a bad value repeats its error.
+  if (plugins_ok && check.errors() == before_layer) {
+    LayerSpec stated;
+    stated.d_model = config.model.d_model;
+    stated.num_experts = config.moe.num_experts;
+    stated.top_k = config.moe.top_k;
+    stated.dtype = config.model.dtype;
+    check.plugin_check(*experts_info, config.moe.experts, stated);
+    LayerSpec layer = stated;
+    if (experts_info->manifest && experts_info->manifest->adjust_layer)
+      experts_info->manifest->adjust_layer(config.moe.experts.params, layer);
+    if (layer.num_experts < 1 || layer.top_k < 1 || layer.top_k > layer.num_experts)
+      check.error(
+          "moe.experts.type",
+          fmt::format("the '{}' layout turns num_experts = {}, top_k = {} into {} experts, top_k {}, which "
+                      "is not a valid layer (1 <= top_k <= num_experts)",
+                      config.moe.experts.type, stated.num_experts, stated.top_k, layer.num_experts, layer.top_k));
+    check.plugin_check(*router_info, config.moe.router, layer);
+    for (size_t i = 0; i < balancer_infos.size(); ++i)
+      check.plugin_check(*balancer_infos[i], config.moe.balancers[i], layer);
+    config.layer = layer;
+  }
+
+  diagnostics.throw_if_any();
+  return config;
+}
+
+}  // namespace moelab

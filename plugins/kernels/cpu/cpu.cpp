@@ -1,0 +1,995 @@
+// The reference kernel: every op of the Ops API on host memory, templated on the scalar type (f32
+// and f64, so that gradient checks run in double). GEMMs go to OpenBLAS; everything else is a
+// plain loop over contiguous rows. Every other kernel is checked against this one, so exactness
+// comes first: stable formulas, row sums accumulated in double, inputs validated before anything
+// is written.
+#include <cblas.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "moelab/plugin.hpp"
+
+namespace moelab {
+namespace {
+
+// --- operand checks ---------------------------------------------------------------------------
+
+enum class Role {
+  scalar,  // f32 or f64, the same dtype for every scalar operand of the op
+  index,   // i32
+  any,     // checked by the op itself (memory ops)
+};
+
+struct Operand {
+  const char* name = nullptr;
+  const Tensor* tensor = nullptr;
+  Role role = Role::scalar;
+};
+
+// The operands of one op call. Checks that they are defined host tensors of the right dtypes and
+// throws RuntimeError naming the op and every operand's shape when something does not fit.
+// Messages are only formatted on failure, so a check costs a few comparisons.
+class OpCheck {
+ public:
+  OpCheck(const char* op, std::initializer_list<Operand> operands) : op_(op) {
+    for (const Operand& operand : operands) {
+      if (operand.tensor == nullptr) continue;  // an optional operand left out
+      if (count_ == operands_.size()) fail("internal error: too many operands to check");
+      operands_[count_++] = operand;
+    }
+    bool have_scalar = false;
+    const Operand* first_scalar = nullptr;
+    for (size_t i = 0; i < count_; ++i) {
+      const Operand& o = operands_[i];
+      const Tensor& t = *o.tensor;
+      if (!t.defined()) fail(fmt::format("{} is an undefined tensor", o.name));
+      if (t.device() != DeviceKind::cpu)
+        fail(fmt::format("{} is {}; the cpu kernel works on host tensors only", o.name, t.describe()));
+      if (o.role == Role::index && t.dtype() != DType::i32)
+        fail(fmt::format("{} has dtype {}, expected i32 indices", o.name, dtype_name(t.dtype())));
+      if (o.role != Role::scalar) continue;
+      if (!have_scalar) {
+        have_scalar = true;
+        first_scalar = &o;
+        dtype_ = t.dtype();
+        if (dtype_ == DType::bf16) fail("dtype bf16 is not supported (the cpu kernel computes in f32 and f64)");
+        if (dtype_ != DType::f32 && dtype_ != DType::f64)
+          fail(fmt::format("{} has dtype {}, expected f32 or f64", o.name, dtype_name(dtype_)));
+      } else if (t.dtype() != dtype_) {
+        fail(fmt::format("dtypes differ: {} is {} but {} is {}", first_scalar->name, dtype_name(dtype_), o.name,
+                         dtype_name(t.dtype())));
+      }
+    }
+  }
+
+  DType dtype() const { return dtype_; }
+
+  void shape(const Tensor& t, const char* name, const Shape& expected) const {
+    if (t.shape() != expected)
+      fail(fmt::format("{} has shape {}, expected {}", name, shape_str(t.shape()), shape_str(expected)));
+  }
+  void rank(const Tensor& t, const char* name, int expected) const {
+    if (t.rank() != expected)
+      fail(fmt::format("{} has rank {} (shape {}), expected rank {}", name, t.rank(), shape_str(t.shape()), expected));
+  }
+  template <class... Args>
+  void require(bool ok, fmt::format_string<Args...> format, Args&&... args) const {
+    if (!ok) fail(fmt::format(format, std::forward<Args>(args)...));
+  }
+  // BLAS takes int sizes.
+  blasint blas_size(int64_t value, const char* what) const {
+    require(value >= 0 && value <= INT_MAX, "{} = {} does not fit OpenBLAS's 32-bit sizes", what, value);
+    return static_cast<blasint>(value);
+  }
+
+  [[noreturn]] void fail(const std::string& problem) const {
+    std::string operands;
+    for (size_t i = 0; i < count_; ++i) {
+      const Tensor& t = *operands_[i].tensor;
+      operands += fmt::format(
+          "{}{} {}", i ? ", " : "", operands_[i].name,
+          t.defined() ? fmt::format("{}{}", dtype_name(t.dtype()), shape_str(t.shape())) : std::string("undefined"));
+    }
+    throw RuntimeError(fmt::format("cpu kernel: {}: {} ({})", op_, problem, operands));
+  }
+
+ private:
+  const char* op_;
+  std::array<Operand, 6> operands_{};
+  size_t count_ = 0;
+  DType dtype_ = DType::f32;
+};
+
+// Calls f.template operator()<T>() with T the C++ type of a checked scalar dtype.
+template <class F>
+void with_scalar(DType dtype, F&& f) {
+  if (dtype == DType::f64)
+    f.template operator()<double>();
+  else
+    f.template operator()<float>();
+}
+
+// --- scalar functions -------------------------------------------------------------------------
+
+// 1 / (1 + exp(-x)) without overflow: exp only ever sees -|x|.
+template <class T>
+T stable_sigmoid(T x) {
+  const T e = std::exp(-std::abs(x));
+  return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): no overflow for large x, no loss for small.
+template <class T>
+T stable_softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <class T>
+struct ValueAndDerivative {
+  T value;
+  T derivative;
+};
+
+// Each activation: value(x), and value_and_derivative(x) for backward passes (GLU needs both).
+struct Identity {
+  template <class T>
+  static T value(T x) {
+    return x;
+  }
+  template <class T>
+  static ValueAndDerivative<T> value_and_derivative(T x) {
+    return {x, T(1)};
+  }
+};
+
+struct Relu {
+  template <class T>
+  static T value(T x) {
+    return x > T(0) ? x : T(0);
+  }
+  // The derivative at 0 is taken as 0, as in PyTorch.
+  template <class T>
+  static ValueAndDerivative<T> value_and_derivative(T x) {
+    return x > T(0) ? ValueAndDerivative<T>{x, T(1)} : ValueAndDerivative<T>{T(0), T(0)};
+  }
+};
+
+// 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), evaluated as x * sigmoid(2u): the same
+// function (1 + tanh(u) = 2 sigmoid(2u)) without the cancellation of 1 + tanh(u) for x << 0.
+struct GeluTanh {
+  static constexpr double kSqrt2OverPi = 0.7978845608028654;
+  static constexpr double kCubic = 0.044715;
+  template <class T>
+  static T value(T x) {
+    const T u = T(kSqrt2OverPi) * (x + T(kCubic) * x * x * x);
+    return x * stable_sigmoid(T(2) * u);
+  }
+  template <class T>
+  static ValueAndDerivative<T> value_and_derivative(T x) {
+    const T u = T(kSqrt2OverPi) * (x + T(kCubic) * x * x * x);
+    const T du = T(kSqrt2OverPi) * (T(1) + T(3 * kCubic) * x * x);
+    const T s = stable_sigmoid(T(2) * u);
+    return {x * s, s + x * s * (T(1) - s) * T(2) * du};
+  }
+};
+
+// x Phi(x) with Phi(x) = 0.5 (1 + erf(x / sqrt 2)) = 0.5 erfc(-x / sqrt 2); erfc keeps the
+// relative accuracy for x << 0 where 1 + erf cancels.
+struct GeluErf {
+  static constexpr double kInvSqrt2 = 0.7071067811865476;
+  static constexpr double kInvSqrt2Pi = 0.3989422804014327;
+  template <class T>
+  static T value(T x) {
+    return x * T(0.5) * std::erfc(-x * T(kInvSqrt2));
+  }
+  template <class T>
+  static ValueAndDerivative<T> value_and_derivative(T x) {
+    const T cdf = T(0.5) * std::erfc(-x * T(kInvSqrt2));
+    const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
+    return {x * cdf, cdf + x * pdf};
+  }
+};
+
+// x sigmoid(x); derivative s (1 + x (1 - s)).
+struct Silu {
+  template <class T>
+  static T value(T x) {
+    return x * stable_sigmoid(x);
+  }
+  template <class T>
+  static ValueAndDerivative<T> value_and_derivative(T x) {
+    const T s = stable_sigmoid(x);
+    return {x * s, s * (T(1) + x * (T(1) - s))};
+  }
+};
+
+// Calls f.template operator()<Fn>() with the functor of `act`, so the element loop is compiled
+// once per activation rather than switching per element.
+template <class F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::identity:
+      f.template operator()<Identity>();
+      return;
+    case Activation::relu:
+      f.template operator()<Relu>();
+      return;
+    case Activation::gelu_tanh:
+      f.template operator()<GeluTanh>();
+      return;
+    case Activation::gelu_erf:
+      f.template operator()<GeluErf>();
+      return;
+    case Activation::silu:
+      f.template operator()<Silu>();
+      return;
+  }
+  throw RuntimeError(fmt::format("cpu kernel: unknown activation {}", static_cast<int>(act)));
+}
+
+// --- building blocks --------------------------------------------------------------------------
+
+// c[n] = beta * c with BLAS semantics: beta = 0 writes zeros without reading c (which may hold
+// garbage from Ops::empty).
+template <class T>
+void scale_by_beta(T beta, T* c, int64_t n) {
+  if (beta == T(0))
+    std::fill(c, c + n, T(0));
+  else if (beta != T(1))
+    for (int64_t i = 0; i < n; ++i) c[i] *= beta;
+}
+
+// c[m,n] = alpha * op(a) * op(b) + beta * c, all row-major and contiguous; a is [m,k] ([k,m] when
+// trans_a), b is [k,n] ([n,k] when trans_b). Sizes were checked to fit blasint by the caller.
+template <class T>
+void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b, T beta,
+               T* c) {
+  if (m == 0 || n == 0) return;
+  // An empty inner dimension is a sum of nothing; BLAS would also reject lda = 0 here.
+  if (k == 0) return scale_by_beta(beta, c, m * n);
+  const auto ta = trans_a ? CblasTrans : CblasNoTrans;
+  const auto tb = trans_b ? CblasTrans : CblasNoTrans;
+  const auto lda = static_cast<blasint>(trans_a ? m : k);
+  const auto ldb = static_cast<blasint>(trans_b ? k : n);
+  const auto M = static_cast<blasint>(m), N = static_cast<blasint>(n), K = static_cast<blasint>(k);
+  if constexpr (std::is_same_v<T, float>)
+    cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
+  else
+    cblas_dgemm(CblasRowMajor, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
+}
+
+// out (+)= value
+template <class T>
+void store(bool accumulate, T* out, int64_t i, T value) {
+  out[i] = accumulate ? out[i] + value : value;
+}
+
+// sum_i a[i] * b[i] in double, vectorised (the reduction order is the compiler's, fixed per build).
+template <class T>
+double dot_in_double(const T* a, const T* b, int64_t n) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return sum;
+}
+
+template <class T>
+T row_max(const T* x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;  // NaNs are skipped here, then propagate
+  return m;
+}
+
+// Checks grouped-op offsets: size groups+1, from 0 to rows, non-decreasing.
+void check_offsets(const OpCheck& check, const std::vector<int64_t>& offsets, int64_t groups, int64_t rows) {
+  check.require(static_cast<int64_t>(offsets.size()) == groups + 1, "{} groups need {} offsets, got {}", groups,
+                groups + 1, offsets.size());
+  check.require(offsets.front() == 0, "offsets must start at 0, got {}", offsets.front());
+  check.require(offsets.back() == rows, "offsets must end at the row count {}, got {}", rows, offsets.back());
+  for (size_t g = 0; g + 1 < offsets.size(); ++g)
+    check.require(offsets[g] <= offsets[g + 1], "offsets must not decrease, got offsets[{}] = {} > offsets[{}] = {}", g,
+                  offsets[g], g + 1, offsets[g + 1]);
+}
+
+// Every index in [0, bound) — checked before anything is written.
+void check_indices(const OpCheck& check, const Tensor& index, const char* name, int64_t bound, const char* what) {
+  const int32_t* p = index.data<int32_t>();
+  const int64_t n = index.numel();
+  for (int64_t i = 0; i < n; ++i)
+    check.require(p[i] >= 0 && p[i] < bound, "{}[{}] = {} is not a valid {} (expected 0 <= {} < {})", name, i, p[i],
+                  what, name, bound);
+}
+
+// --- the kernel -------------------------------------------------------------------------------
+
+class CpuOps final : public Ops {
+ public:
+  static ParamSchema schema() {
+    return {param_int("threads", 0,
+                      "OpenBLAS threads, process-wide; 0 keeps OpenBLAS's default (OPENBLAS_NUM_THREADS or all cores)")
+                .range(0, 1024)};
+  }
+
+  explicit CpuOps(const ParamSet& params) {
+    const int64_t threads = params.get_int("threads");
+    // Sets OpenBLAS's process-wide thread count: every cpu kernel in the process shares it.
+    if (threads > 0) openblas_set_num_threads(static_cast<int>(threads));
+  }
+
+  DeviceKind device() const override { return DeviceKind::cpu; }
+  std::string name() const override { return "cpu"; }
+
+  // --- memory -----------------------------------------------------------------------------
+
+  Tensor empty(DType dtype, const Shape& shape) override { return allocate("empty", dtype, shape); }
+  Tensor zeros(DType dtype, const Shape& shape) override { return allocate("zeros", dtype, shape); }
+
+  void fill(Tensor& dst, double value) override {
+    const OpCheck check("fill", {{"dst", &dst, Role::any}});
+    const int64_t size = dst.numel();
+    switch (dst.dtype()) {
+      case DType::f32:
+        std::fill_n(dst.data<float>(), size, static_cast<float>(value));
+        return;
+      case DType::f64:
+        std::fill_n(dst.data<double>(), size, value);
+        return;
+      case DType::i32:
+        std::fill_n(dst.data<int32_t>(), size, integer_fill<int32_t>(check, value));
+        return;
+      case DType::i64:
+        std::fill_n(dst.data<int64_t>(), size, integer_fill<int64_t>(check, value));
+        return;
+      case DType::u8:
+        std::fill_n(dst.data<uint8_t>(), size, integer_fill<uint8_t>(check, value));
+        return;
+      case DType::bf16:
+        break;
+    }
+    check.fail("dtype bf16 is not supported (the cpu kernel computes in f32 and f64)");
+  }
+
+  void copy(const Tensor& src, Tensor& dst) override {
+    const OpCheck check("copy", {{"src", &src, Role::any}, {"dst", &dst, Role::any}});
+    check.require(src.dtype() == dst.dtype(), "dtypes differ: src is {}, dst is {}", dtype_name(src.dtype()),
+                  dtype_name(dst.dtype()));
+    check.require(src.numel() == dst.numel(), "element counts differ: {} vs {}", src.numel(), dst.numel());
+    if (src.bytes() != 0 && src.raw() != dst.raw()) std::memmove(dst.raw(), src.raw(), src.bytes());
+  }
+
+  // --- dense linear algebra ---------------------------------------------------------------
+
+  void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
+            Tensor& c) override {
+    const OpCheck check("gemm", {{"a", &a}, {"b", &b}, {"c", &c}});
+    check.rank(a, "a", 2);
+    check.rank(b, "b", 2);
+    check.rank(c, "c", 2);
+    const int64_t m = trans_a ? a.dim(1) : a.dim(0), k = trans_a ? a.dim(0) : a.dim(1);
+    const int64_t kb = trans_b ? b.dim(1) : b.dim(0), n = trans_b ? b.dim(0) : b.dim(1);
+    check.require(k == kb,
+                  "inner dimensions differ: op(a) is [{}, {}] (trans_a = {}), op(b) is [{}, {}] (trans_b = {})", m, k,
+                  trans_a, kb, n, trans_b);
+    check.shape(c, "c", {m, n});
+    check.blas_size(m, "M");
+    check.blas_size(n, "N");
+    check.blas_size(k, "K");
+    with_scalar(check.dtype(), [&]<class T>() {
+      gemm_rows<T>(trans_a, trans_b, m, n, k, T(alpha), a.data<T>(), b.data<T>(), T(beta), c.data<T>());
+    });
+  }
+
+  void grouped_gemm(const Tensor& x, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets, double alpha,
+                    double beta, Tensor& y) override {
+    const OpCheck check("grouped_gemm", {{"x", &x}, {"w", &w}, {"y", &y}});
+    check.rank(x, "x", 2);
+    check.rank(w, "w", 3);
+    const int64_t rows = x.dim(0), k = x.dim(1), groups = w.dim(0);
+    const int64_t n = trans_w ? w.dim(1) : w.dim(2);
+    check.shape(w, "w", trans_w ? Shape{groups, n, k} : Shape{groups, k, n});
+    check.shape(y, "y", {rows, n});
+    check_offsets(check, offsets, groups, rows);
+    check.blas_size(rows, "rows");
+    check.blas_size(n, "N");
+    check.blas_size(k, "K");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      const T* pw = w.data<T>();
+      T* py = y.data<T>();
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+        // A group without rows owns no rows of y, so there is nothing to overwrite or scale.
+        if (count == 0) continue;
+        gemm_rows<T>(false, trans_w, count, n, k, T(alpha), px + begin * k, pw + g * k * n, T(beta), py + begin * n);
+      }
+    });
+  }
+
+  void grouped_gemm_weight_grad(const Tensor& x, const Tensor& dy, bool trans_w, const std::vector<int64_t>& offsets,
+                                bool accumulate, Tensor& dw) override {
+    const OpCheck check("grouped_gemm_weight_grad", {{"x", &x}, {"dy", &dy}, {"dw", &dw}});
+    check.rank(x, "x", 2);
+    check.rank(dy, "dy", 2);
+    check.rank(dw, "dw", 3);
+    const int64_t rows = x.dim(0), k = x.dim(1), n = dy.dim(1), groups = dw.dim(0);
+    check.shape(dy, "dy", {rows, n});
+    check.shape(dw, "dw", trans_w ? Shape{groups, n, k} : Shape{groups, k, n});
+    check_offsets(check, offsets, groups, rows);
+    check.blas_size(rows, "rows");
+    check.blas_size(n, "N");
+    check.blas_size(k, "K");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdw = dw.data<T>();
+      const T beta = accumulate ? T(1) : T(0);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+        // count = 0 is an empty sum: gemm_rows leaves dw[g] as is when accumulating, zeroes it otherwise.
+        if (trans_w)  // dw[g] [N,K] = dy_g^T x_g
+          gemm_rows<T>(true, false, n, k, count, T(1), pdy + begin * n, px + begin * k, beta, pdw + g * n * k);
+        else  // dw[g] [K,N] = x_g^T dy_g
+          gemm_rows<T>(true, false, k, n, count, T(1), px + begin * k, pdy + begin * n, beta, pdw + g * k * n);
+      }
+    });
+  }
+
+  // --- elementwise and row-wise -----------------------------------------------------------
+
+  void activation(Activation act, const Tensor& x, Tensor& y) override {
+    const OpCheck check("activation", {{"x", &x}, {"y", &y}});
+    check.shape(y, "y", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      with_activation(act, [&]<class Fn>() {
+        const T* px = x.data<T>();
+        T* py = y.data<T>();
+        const int64_t size = x.numel();
+        for (int64_t i = 0; i < size; ++i) py[i] = Fn::value(px[i]);
+      });
+    });
+  }
+
+  void activation_backward(Activation act, const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx) override {
+    const OpCheck check("activation_backward", {{"x", &x}, {"dy", &dy}, {"dx", &dx}});
+    check.shape(dy, "dy", x.shape());
+    check.shape(dx, "dx", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      with_activation(act, [&]<class Fn>() {
+        const T* px = x.data<T>();
+        const T* pdy = dy.data<T>();
+        T* pdx = dx.data<T>();
+        const int64_t size = x.numel();
+        for (int64_t i = 0; i < size; ++i)
+          store(accumulate, pdx, i, Fn::value_and_derivative(px[i]).derivative * pdy[i]);
+      });
+    });
+  }
+
+  // gate_up [R, 2F] = [gate | up] -> h [R, F] = act(gate) * up
+  void glu(Activation act, const Tensor& gate_up, Tensor& h) override {
+    const OpCheck check("glu", {{"gate_up", &gate_up}, {"h", &h}});
+    check.rank(gate_up, "gate_up", 2);
+    const int64_t rows = gate_up.dim(0), width = gate_up.dim(1) / 2;
+    check.require(gate_up.dim(1) % 2 == 0, "gate_up needs an even number of columns [gate | up], got {}",
+                  gate_up.dim(1));
+    check.shape(h, "h", {rows, width});
+    with_scalar(check.dtype(), [&]<class T>() {
+      with_activation(act, [&]<class Fn>() {
+        const T* pgu = gate_up.data<T>();
+        T* ph = h.data<T>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* gate = pgu + r * 2 * width;
+          const T* up = gate + width;
+          T* hr = ph + r * width;
+          for (int64_t j = 0; j < width; ++j) hr[j] = Fn::value(gate[j]) * up[j];
+        }
+      });
+    });
+  }
+
+  // dgate = act'(gate) * up * dh, dup = act(gate) * dh; overwrites dgate_up [R, 2F].
+  void glu_backward(Activation act, const Tensor& gate_up, const Tensor& dh, Tensor& dgate_up) override {
+    const OpCheck check("glu_backward", {{"gate_up", &gate_up}, {"dh", &dh}, {"dgate_up", &dgate_up}});
+    check.rank(gate_up, "gate_up", 2);
+    const int64_t rows = gate_up.dim(0), width = gate_up.dim(1) / 2;
+    check.require(gate_up.dim(1) % 2 == 0, "gate_up needs an even number of columns [gate | up], got {}",
+                  gate_up.dim(1));
+    check.shape(dh, "dh", {rows, width});
+    check.shape(dgate_up, "dgate_up", gate_up.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      with_activation(act, [&]<class Fn>() {
+        const T* pgu = gate_up.data<T>();
+        const T* pdh = dh.data<T>();
+        T* pd = dgate_up.data<T>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* gate = pgu + r * 2 * width;
+          const T* up = gate + width;
+          const T* dhr = pdh + r * width;
+          T* dgate = pd + r * 2 * width;
+          T* dup = dgate + width;
+          for (int64_t j = 0; j < width; ++j) {
+            const auto act_gate = Fn::value_and_derivative(gate[j]);
+            dgate[j] = act_gate.derivative * up[j] * dhr[j];
+            dup[j] = act_gate.value * dhr[j];
+          }
+        }
+      });
+    });
+  }
+
+  void axpy(double alpha, const Tensor& z, Tensor& y) override {
+    const OpCheck check("axpy", {{"z", &z}, {"y", &y}});
+    check.shape(z, "z", y.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pz = z.data<T>();
+      T* py = y.data<T>();
+      const T a = T(alpha);
+      const int64_t size = y.numel();
+      for (int64_t i = 0; i < size; ++i) py[i] += a * pz[i];
+    });
+  }
+
+  void scale(double alpha, Tensor& y) override {
+    const OpCheck check("scale", {{"y", &y}});
+    with_scalar(check.dtype(), [&]<class T>() {
+      T* py = y.data<T>();
+      const T a = T(alpha);
+      const int64_t size = y.numel();
+      for (int64_t i = 0; i < size; ++i) py[i] *= a;
+    });
+  }
+
+  // y [R,N] *= s [R] row-wise
+  void scale_rows(const Tensor& s, Tensor& y) override {
+    const OpCheck check("scale_rows", {{"s", &s}, {"y", &y}});
+    check.rank(y, "y", 2);
+    const int64_t rows = y.dim(0), cols = y.dim(1);
+    check.shape(s, "s", {rows});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* ps = s.data<T>();
+      T* py = y.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T factor = ps[r];
+        T* row = py + r * cols;
+        for (int64_t c = 0; c < cols; ++c) row[c] *= factor;
+      }
+    });
+  }
+
+  // y [R,N] += b [N] on every row
+  void add_row_vector(const Tensor& b, Tensor& y) override {
+    const OpCheck check("add_row_vector", {{"b", &b}, {"y", &y}});
+    check.rank(y, "y", 2);
+    const int64_t rows = y.dim(0), cols = y.dim(1);
+    check.shape(b, "b", {cols});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pb = b.data<T>();
+      T* py = y.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        T* row = py + r * cols;
+        for (int64_t c = 0; c < cols; ++c) row[c] += pb[c];
+      }
+    });
+  }
+
+  // out [N] (+)= column sums of x [R,N], accumulated in double so that f32 sums over many rows
+  // stay accurate.
+  void sum_rows(const Tensor& x, bool accumulate, Tensor& out) override {
+    const OpCheck check("sum_rows", {{"x", &x}, {"out", &out}});
+    check.rank(x, "x", 2);
+    const int64_t rows = x.dim(0), cols = x.dim(1);
+    check.shape(out, "out", {cols});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* po = out.data<T>();
+      std::vector<double> sums(static_cast<size_t>(cols), 0.0);
+      double* ps = sums.data();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = px + r * cols;
+        for (int64_t c = 0; c < cols; ++c) ps[c] += static_cast<double>(row[c]);
+      }
+      for (int64_t c = 0; c < cols; ++c) store(accumulate, po, c, static_cast<T>(ps[c]));
+    });
+  }
+
+  // out [R] = <a[r,:], b[r,:]>
+  void row_dot(const Tensor& a, const Tensor& b, Tensor& out) override {
+    const OpCheck check("row_dot", {{"a", &a}, {"b", &b}, {"out", &out}});
+    check.rank(a, "a", 2);
+    const int64_t rows = a.dim(0), cols = a.dim(1);
+    check.shape(b, "b", a.shape());
+    check.shape(out, "out", {rows});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pa = a.data<T>();
+      const T* pb = b.data<T>();
+      T* po = out.data<T>();
+      for (int64_t r = 0; r < rows; ++r) po[r] = static_cast<T>(dot_in_double(pa + r * cols, pb + r * cols, cols));
+    });
+  }
+
+  // out = a * b elementwise (out may alias a or b)
+  void mul(const Tensor& a, const Tensor& b, Tensor& out) override {
+    const OpCheck check("mul", {{"a", &a}, {"b", &b}, {"out", &out}});
+    check.shape(b, "b", a.shape());
+    check.shape(out, "out", a.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pa = a.data<T>();
+      const T* pb = b.data<T>();
+      T* po = out.data<T>();
+      const int64_t size = a.numel();
+      for (int64_t i = 0; i < size; ++i) po[i] = pa[i] * pb[i];
+    });
+  }
+
+  // y [R,C] = x / (row sum of x)
+  void normalize_rows(const Tensor& x, Tensor& y) override {
+    const OpCheck check("normalize_rows", {{"x", &x}, {"y", &y}});
+    check.rank(x, "x", 2);
+    check.shape(y, "y", x.shape());
+    const int64_t rows = x.dim(0), cols = x.dim(1);
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* py = y.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = px + r * cols;
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) sum += static_cast<double>(xr[c]);
+        const T inverse = static_cast<T>(1.0 / sum);
+        T* yr = py + r * cols;
+        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] * inverse;
+      }
+    });
+  }
+
+  // dx (+)= (dy - <dy, y>) / sum(x), row-wise
+  void normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy, bool accumulate,
+                               Tensor& dx) override {
+    const OpCheck check("normalize_rows_backward", {{"x", &x}, {"y", &y}, {"dy", &dy}, {"dx", &dx}});
+    check.rank(x, "x", 2);
+    check.shape(y, "y", x.shape());
+    check.shape(dy, "dy", x.shape());
+    check.shape(dx, "dx", x.shape());
+    const int64_t rows = x.dim(0), cols = x.dim(1);
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      const T* py = y.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdx = dx.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t base = r * cols;
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) sum += static_cast<double>(px[base + c]);
+        const T dot = static_cast<T>(dot_in_double(pdy + base, py + base, cols));
+        const T inverse = static_cast<T>(1.0 / sum);
+        for (int64_t c = 0; c < cols; ++c) store(accumulate, pdx, base + c, (pdy[base + c] - dot) * inverse);
+      }
+    });
+  }
+
+  // sum_i x_i^2 in double
+  double sum_squares(const Tensor& x) override {
+    const OpCheck check("sum_squares", {{"x", &x}});
+    double sum = 0;
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      sum = dot_in_double(px, px, x.numel());
+    });
+    return sum;
+  }
+
+  // One AdamW step in place, each element in double (the formula is in kernel.hpp):
+  // param, m, v, grad all the same shape.
+  void adamw_update(const AdamW& hyper, const Tensor& grad, Tensor& param, Tensor& m, Tensor& v) override {
+    const OpCheck check("adamw_update", {{"grad", &grad}, {"param", &param}, {"m", &m}, {"v", &v}});
+    check.shape(param, "param", grad.shape());
+    check.shape(m, "m", grad.shape());
+    check.shape(v, "v", grad.shape());
+    check.require(hyper.step >= 1, "step must be at least 1 (it is 1-based), got {}", hyper.step);
+    const double correction1 = 1.0 - std::pow(hyper.beta1, static_cast<double>(hyper.step));
+    const double correction2 = 1.0 - std::pow(hyper.beta2, static_cast<double>(hyper.step));
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pg = grad.data<T>();
+      T* pp = param.data<T>();
+      T* pm = m.data<T>();
+      T* pv = v.data<T>();
+      const int64_t size = grad.numel();
+      for (int64_t i = 0; i < size; ++i) {
+        const double g = pg[i];
+        const double mi = hyper.beta1 * pm[i] + (1.0 - hyper.beta1) * g;
+        const double vi = hyper.beta2 * pv[i] + (1.0 - hyper.beta2) * g * g;
+        pm[i] = static_cast<T>(mi);
+        pv[i] = static_cast<T>(vi);
+        const double update =
+            (mi / correction1) / (std::sqrt(vi / correction2) + hyper.eps) + hyper.weight_decay * pp[i];
+        pp[i] = static_cast<T>(pp[i] - hyper.lr * update);
+      }
+    });
+  }
+
+  // --- probabilities ----------------------------------------------------------------------
+
+  // y [R,E] = softmax(x / temperature) row-wise, shifted by the row max so exp never overflows.
+  // A row of only -inf has no softmax and gives NaN.
+  void softmax_rows(const Tensor& x, double temperature, Tensor& y) override {
+    const OpCheck check("softmax_rows", {{"x", &x}, {"y", &y}});
+    check.rank(x, "x", 2);
+    check.shape(y, "y", x.shape());
+    check.require(temperature > 0 && std::isfinite(temperature), "temperature must be positive and finite, got {}",
+                  temperature);
+    const int64_t rows = x.dim(0), cols = x.dim(1);
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* py = y.data<T>();
+      const T inverse_temperature = T(1.0 / temperature);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = px + r * cols;
+        T* yr = py + r * cols;
+        const T shift = row_max(xr, cols);
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          yr[c] = std::exp((xr[c] - shift) * inverse_temperature);
+          sum += static_cast<double>(yr[c]);
+        }
+        const T inverse_sum = static_cast<T>(1.0 / sum);
+        for (int64_t c = 0; c < cols; ++c) yr[c] *= inverse_sum;
+      }
+    });
+  }
+
+  // dx (+)= y * (dy - <dy, y>) / temperature
+  void softmax_rows_backward(const Tensor& y, const Tensor& dy, double temperature, bool accumulate,
+                             Tensor& dx) override {
+    const OpCheck check("softmax_rows_backward", {{"y", &y}, {"dy", &dy}, {"dx", &dx}});
+    check.rank(y, "y", 2);
+    check.shape(dy, "dy", y.shape());
+    check.shape(dx, "dx", y.shape());
+    check.require(temperature > 0 && std::isfinite(temperature), "temperature must be positive and finite, got {}",
+                  temperature);
+    const int64_t rows = y.dim(0), cols = y.dim(1);
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* py = y.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdx = dx.data<T>();
+      const T inverse_temperature = T(1.0 / temperature);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t base = r * cols;
+        const T dot = static_cast<T>(dot_in_double(pdy + base, py + base, cols));
+        for (int64_t c = 0; c < cols; ++c)
+          store(accumulate, pdx, base + c, py[base + c] * (pdy[base + c] - dot) * inverse_temperature);
+      }
+    });
+  }
+
+  void sigmoid(const Tensor& x, Tensor& y) override {
+    const OpCheck check("sigmoid", {{"x", &x}, {"y", &y}});
+    check.shape(y, "y", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* py = y.data<T>();
+      const int64_t size = x.numel();
+      for (int64_t i = 0; i < size; ++i) py[i] = stable_sigmoid(px[i]);
+    });
+  }
+
+  // dx (+)= y (1 - y) dy
+  void sigmoid_backward(const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx) override {
+    const OpCheck check("sigmoid_backward", {{"y", &y}, {"dy", &dy}, {"dx", &dx}});
+    check.shape(dy, "dy", y.shape());
+    check.shape(dx, "dx", y.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* py = y.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdx = dx.data<T>();
+      const int64_t size = y.numel();
+      for (int64_t i = 0; i < size; ++i) store(accumulate, pdx, i, py[i] * (T(1) - py[i]) * pdy[i]);
+    });
+  }
+
+  // out [R] = max + log sum exp(x - max); an empty or all -inf row gives -inf, a row with +inf
+  // gives +inf.
+  void logsumexp_rows(const Tensor& x, Tensor& out) override {
+    const OpCheck check("logsumexp_rows", {{"x", &x}, {"out", &out}});
+    check.rank(x, "x", 2);
+    const int64_t rows = x.dim(0), cols = x.dim(1);
+    check.shape(out, "out", {rows});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* po = out.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = px + r * cols;
+        const T shift = row_max(xr, cols);
+        if (std::isinf(shift)) {
+          po[r] = shift;
+          continue;
+        }
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) sum += static_cast<double>(std::exp(xr[c] - shift));
+        po[r] = shift + static_cast<T>(std::log(sum));
+      }
+    });
+  }
+
+  void softplus(const Tensor& x, Tensor& y) override {
+    const OpCheck check("softplus", {{"x", &x}, {"y", &y}});
+    check.shape(y, "y", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* py = y.data<T>();
+      const int64_t size = x.numel();
+      for (int64_t i = 0; i < size; ++i) py[i] = stable_softplus(px[i]);
+    });
+  }
+
+  // dx (+)= sigmoid(x) dy
+  void softplus_backward(const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx) override {
+    const OpCheck check("softplus_backward", {{"x", &x}, {"dy", &dy}, {"dx", &dx}});
+    check.shape(dy, "dy", x.shape());
+    check.shape(dx, "dx", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdx = dx.data<T>();
+      const int64_t size = x.numel();
+      for (int64_t i = 0; i < size; ++i) store(accumulate, pdx, i, stable_sigmoid(px[i]) * pdy[i]);
+    });
+  }
+
+  // --- selection and movement -------------------------------------------------------------
+
+  // Per row of scores [R,E], the k best of scores + bias, best first, ties to the lower index;
+  // values [R,k] hold the unbiased scores, indices [R,k] the expert numbers.
+  void topk_rows(const Tensor& scores, int k, const Tensor* bias, Tensor& values, Tensor& indices) override {
+    const OpCheck check("topk_rows",
+                        {{"scores", &scores}, {"bias", bias}, {"values", &values}, {"indices", &indices, Role::index}});
+    check.rank(scores, "scores", 2);
+    const int64_t rows = scores.dim(0), experts = scores.dim(1);
+    check.require(k >= 1 && k <= experts, "k = {} must be between 1 and the number of columns {}", k, experts);
+    check.require(experts <= INT32_MAX, "{} columns do not fit i32 indices", experts);
+    if (bias) check.shape(*bias, "bias", {experts});
+    check.shape(values, "values", {rows, k});
+    check.shape(indices, "indices", {rows, k});
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* ps = scores.data<T>();
+      const T* pb = bias ? bias->data<T>() : nullptr;
+      // NaN has no rank; refuse it before writing anything (it means the run diverged).
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t e = 0; e < experts; ++e) {
+          const T key = pb ? ps[r * experts + e] + pb[e] : ps[r * experts + e];
+          check.require(!std::isnan(key), "scores{} at row {}, column {} is NaN", pb ? " + bias" : "", r, e);
+        }
+      T* pv = values.data<T>();
+      int32_t* pi = indices.data<int32_t>();
+      std::vector<T> keys(static_cast<size_t>(experts));
+      std::vector<int32_t> order(static_cast<size_t>(experts));
+      const auto better = [&keys](int32_t i, int32_t j) { return keys[i] > keys[j] || (keys[i] == keys[j] && i < j); };
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* sr = ps + r * experts;
+        for (int64_t e = 0; e < experts; ++e) keys[e] = pb ? sr[e] + pb[e] : sr[e];
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
+        for (int j = 0; j < k; ++j) {
+          pv[r * k + j] = sr[order[j]];
+          pi[r * k + j] = order[j];
+        }
+      }
+    });
+  }
+
+  // dst [M,N] row i = src [S,N] row index[i]
+  void gather_rows(const Tensor& src, const Tensor& index, Tensor& dst) override {
+    const OpCheck check("gather_rows", {{"src", &src}, {"index", &index, Role::index}, {"dst", &dst}});
+    check.rank(src, "src", 2);
+    check.rank(index, "index", 1);
+    const int64_t count = index.dim(0), cols = src.dim(1);
+    check.shape(dst, "dst", {count, cols});
+    check_indices(check, index, "index", src.dim(0), "row of src");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* ps = src.data<T>();
+      const int32_t* pi = index.data<int32_t>();
+      T* pd = dst.data<T>();
+      for (int64_t i = 0; i < count; ++i) std::copy_n(ps + pi[i] * cols, cols, pd + i * cols);
+    });
+  }
+
+  // dst [S,N] row index[i] += weight[i] * src [M,N] row i, in order of i (deterministic).
+  void scatter_add_rows(const Tensor& src, const Tensor& index, const Tensor* weight, Tensor& dst) override {
+    const OpCheck check("scatter_add_rows",
+                        {{"src", &src}, {"index", &index, Role::index}, {"weight", weight}, {"dst", &dst}});
+    check.rank(src, "src", 2);
+    check.rank(dst, "dst", 2);
+    const int64_t count = src.dim(0), cols = src.dim(1);
+    check.shape(index, "index", {count});
+    if (weight) check.shape(*weight, "weight", {count});
+    check.require(dst.dim(1) == cols, "src and dst rows differ in width: {} vs {}", cols, dst.dim(1));
+    check_indices(check, index, "index", dst.dim(0), "row of dst");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* ps = src.data<T>();
+      const int32_t* pi = index.data<int32_t>();
+      const T* pw = weight ? weight->data<T>() : nullptr;
+      T* pd = dst.data<T>();
+      for (int64_t i = 0; i < count; ++i) {
+        const T* from = ps + i * cols;
+        T* to = pd + static_cast<int64_t>(pi[i]) * cols;
+        if (pw) {
+          const T w = pw[i];
+          for (int64_t c = 0; c < cols; ++c) to[c] += w * from[c];
+        } else {
+          for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
+        }
+      }
+    });
+  }
+
+  // out [n] = x [R,C] at (row[i], col[i])
+  void gather_elements(const Tensor& x, const Tensor& row, const Tensor& col, Tensor& out) override {
+    const OpCheck check("gather_elements",
+                        {{"x", &x}, {"row", &row, Role::index}, {"col", &col, Role::index}, {"out", &out}});
+    check.rank(x, "x", 2);
+    check.rank(row, "row", 1);
+    const int64_t count = row.dim(0), cols = x.dim(1);
+    check.shape(col, "col", {count});
+    check.shape(out, "out", {count});
+    check_indices(check, row, "row", x.dim(0), "row of x");
+    check_indices(check, col, "col", cols, "column of x");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      const int32_t* pr = row.data<int32_t>();
+      const int32_t* pc = col.data<int32_t>();
+      T* po = out.data<T>();
+      for (int64_t i = 0; i < count; ++i) po[i] = px[static_cast<int64_t>(pr[i]) * cols + pc[i]];
+    });
+  }
+
+  // dx [R,C] at (row[i], col[i]) += dout [n]
+  void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col, Tensor& dx) override {
+    const OpCheck check("scatter_add_elements",
+                        {{"dout", &dout}, {"row", &row, Role::index}, {"col", &col, Role::index}, {"dx", &dx}});
+    check.rank(dx, "dx", 2);
+    check.rank(dout, "dout", 1);
+    const int64_t count = dout.dim(0), cols = dx.dim(1);
+    check.shape(row, "row", {count});
+    check.shape(col, "col", {count});
+    check_indices(check, row, "row", dx.dim(0), "row of dx");
+    check_indices(check, col, "col", cols, "column of dx");
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* pg = dout.data<T>();
+      const int32_t* pr = row.data<int32_t>();
+      const int32_t* pc = col.data<int32_t>();
+      T* pd = dx.data<T>();
+      for (int64_t i = 0; i < count; ++i) pd[static_cast<int64_t>(pr[i]) * cols + pc[i]] += pg[i];
+    });
+  }
+
+ private:
+  static Tensor allocate(const char* op, DType dtype, const Shape& shape) {
+    for (int64_t d : shape)
+      if (d < 0)
+        throw RuntimeError(fmt::format("cpu kernel: {}: negative dimension in shape {}", op, shape_str(shape)));
+    return host_tensor(dtype, shape);
+  }
+
+  // An integer dtype holds `value` only when it is a whole number in range.
+  template <class I>
+  static I integer_fill(const OpCheck& check, double value) {
+    check.require(std::trunc(value) == value && value >= static_cast<double>(std::numeric_limits<I>::min()) &&
+                      value < static_cast<double>(std::numeric_limits<I>::max()) + 1.0,
+                  "{} cannot be stored exactly in an integer tensor", value);
+    return static_cast<I>(value);
+  }
+};
+
+}  // namespace
+}  // namespace moelab
+
+using moelab::CpuOps;
+MOELAB_KERNEL_PLUGIN(CpuOps, "cpu", "1.0.0", "reference CPU kernels on OpenBLAS")

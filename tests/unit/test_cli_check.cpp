@@ -1,0 +1,202 @@
+// `moelab check` and `moelab show` as a user runs them. The broken corpus, tests/recipes/broken/*.toml:
+// each file starts with one or more lines
+//   # expect: <name relative to tests/recipes/broken>:<line>:<column> [<dotted.key>]
+// and `moelab check FILE` must exit 2 with a diagnostic line holding that place and that key.
+#include <doctest/doctest.h>
+#include <sys/wait.h>
+#include <toml++/toml.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kMoelab = fs::path(MOELAB_BINARY_DIR) / "bin" / "moelab";
+const fs::path kRecipes = fs::path(MOELAB_TESTS_DIR) / "recipes";
+
+struct Result {
+  int status = -1;
+  std::string output;
+};
+
+// Runs the CLI with stderr folded into stdout (or kept apart, for --json).
+Result run(const std::string& arguments, bool with_stderr = true) {
+  REQUIRE_MESSAGE(fs::exists(kMoelab), kMoelab << " is not built");
+  const std::string command = "'" + kMoelab.string() + "' " + arguments + (with_stderr ? " 2>&1" : " 2>/dev/null");
+  FILE* pipe = popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  Result result;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
+  const int status = pclose(pipe);
+  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+std::string quoted(const fs::path& path) {
+  return "'" + path.string() + "'";
+}
+
+struct Expectation {
+  std::string place;  // "name.toml:3:11"
+  std::string key;    // may be empty
+};
+
+std::vector<Expectation> expectations_of(const fs::path& file) {
+  std::ifstream in(file);
+  std::vector<Expectation> out;
+  std::string line;
+  while (std::getline(in, line) && line.rfind("#", 0) == 0) {
+    const std::string tag = "# expect: ";
+    if (line.rfind(tag, 0) != 0) continue;
+    std::istringstream fields(line.substr(tag.size()));
+    Expectation e;
+    fields >> e.place >> e.key;
+    out.push_back(e);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("moelab check: every broken recipe exits 2 naming the place and the key") {
+  std::vector<fs::path> corpus;
+  for (const auto& entry : fs::directory_iterator(kRecipes / "broken"))
+    if (entry.is_regular_file() && entry.path().extension() == ".toml") corpus.push_back(entry.path());
+  std::sort(corpus.begin(), corpus.end());
+  REQUIRE(corpus.size() >= 10);
+
+  for (const fs::path& file : corpus) {
+    CAPTURE(file.filename().string());
+    const std::vector<Expectation> expected = expectations_of(file);
+    REQUIRE_MESSAGE(!expected.empty(), file << " has no '# expect:' line");
+    const Result r = run("check " + quoted(file));
+    CAPTURE(r.output);
+    CHECK(r.status == 2);
+    for (const Expectation& e : expected) {
+      // The same line of output names the place, and the key right after "error: ".
+      bool found = false;
+      std::istringstream lines(r.output);
+      for (std::string line; std::getline(lines, line);) {
+        if (line.find("/" + e.place + ": error: ") == std::string::npos) continue;
+        if (e.key.empty() || line.find(": error: " + e.key + ": ") != std::string::npos) found = true;
+      }
+      CHECK_MESSAGE(found, "no diagnostic at " << e.place << " for key '" << e.key << "'");
+    }
+  }
+}
+
+TEST_CASE("moelab check: a diagnostic inherited through extends carries a note") {
+  const Result r = run("check " + quoted(kRecipes / "broken/inherited_bad_value.toml"));
+  CHECK(r.status == 2);
+  CHECK(r.output.find("[set in ") != std::string::npos);
+  CHECK(r.output.find("bad_overflow_base.toml, extended by ") != std::string::npos);
+}
+
+TEST_CASE("moelab check: a problem in one sweep point names it") {
+  const Result r = run("check " + quoted(kRecipes / "broken/sweep_point_error.toml"));
+  CHECK(r.status == 2);
+  CHECK(r.output.find("[in sweep point moe.top_k=8]") != std::string::npos);
+  CHECK(r.output.find("moelab: 1 error") != std::string::npos);
+}
+
+TEST_CASE("moelab check: valid recipes, sweeps and overrides") {
+  const Result base = run("check " + quoted(kRecipes / "base.toml"));
+  CHECK(base.status == 0);
+  CHECK(base.output == (kRecipes / "base.toml").string() + ": ok (1 run)\n");
+
+  const Result sweep = run("check " + quoted(kRecipes / "sweep.toml"));
+  CHECK(sweep.status == 0);
+  CHECK(sweep.output.find(": ok (6 runs)") != std::string::npos);
+
+  const Result bad_set = run("check " + quoted(kRecipes / "base.toml") + " --set moe.top_k=9 --set 'train.lr=[1'");
+  CHECK(bad_set.status == 2);
+  CAPTURE(bad_set.output);
+  CHECK(bad_set.output.find("<--set train.lr=[1>: error: train.lr: cannot parse") != std::string::npos);
+
+  const Result range = run("check " + quoted(kRecipes / "base.toml") + " --set moe.top_k=9 --set moe.router.type=nope");
+  CAPTURE(range.output);
+  CHECK(range.status == 2);
+  CHECK(range.output.find("<--set moe.top_k=9>: error: moe.top_k: top_k (9) must be at most num_experts (4)") !=
+        std::string::npos);
+  CHECK(range.output.find("<--set moe.router.type=nope>: error: moe.router.type: unknown router plugin 'nope'") !=
+        std::string::npos);
+  CHECK(range.output.find("moelab: 2 errors") != std::string::npos);
+
+  CHECK(run("check").status == 2);
+  CHECK(run("check " + quoted(kRecipes / "no_such_recipe.toml")).status == 2);
+  const Result help = run("check --help");
+  CHECK(help.status == 0);
+  CHECK(help.output.find("usage: moelab check RECIPE") != std::string::npos);
+}
+
+TEST_CASE("moelab check --json") {
+  const Result ok = run("check --json " + quoted(kRecipes / "sweep.toml"), false);
+  CHECK(ok.status == 0);
+  CHECK(ok.output == "{\"ok\":true,\"runs\":6,\"errors\":[]}\n");
+
+  const Result bad = run("check --json " + quoted(kRecipes / "broken/out_of_range.toml"), false);
+  CHECK(bad.status == 2);
+  CAPTURE(bad.output);
+  CHECK(bad.output.rfind("{\"ok\":false,\"runs\":1,\"errors\":[{\"file\":\"", 0) == 0);
+  CHECK(bad.output.find("out_of_range.toml\",\"line\":7,\"column\":15,\"key\":\"moe.num_experts\",\"message\":"
+                        "\"must be at least 1, got 0\",\"hint\":\"\",\"note\":\"\"}") != std::string::npos);
+  CHECK(bad.output.find("\"key\":\"train.lr\"") != std::string::npos);
+
+  const Result unloadable = run("check --json " + quoted(kRecipes / "broken/malformed.toml"), false);
+  CHECK(unloadable.status == 2);
+  CHECK(unloadable.output.rfind("{\"ok\":false,\"runs\":0,", 0) == 0);
+  CHECK(unloadable.output.find("\"line\":6,\"column\":9,\"key\":\"\",\"message\":\"malformed TOML: ") !=
+        std::string::npos);
+}
+
+TEST_CASE("moelab show: the complete resolved recipe, which loads back the same") {
+  const Result r = run("show " + quoted(kRecipes / "base.toml"), false);
+  REQUIRE(r.status == 0);
+  const toml::table shown = toml::parse(r.output);
+  CHECK(shown.at_path("name").value<std::string>() == "base");
+  CHECK(shown.at_path("moe.router.temperature").value<double>() == 1.0);  // a plugin default
+  CHECK(shown.at_path("moe.balancers[0].f_denominator").value<std::string>() == "assignments");
+  CHECK(shown.at_path("train.lr").value<double>() == 1e-3);
+  CHECK(shown.at_path("kernel.type").value<std::string>() == "cpu");
+
+  // Saved and shown again, it is the same text.
+  const fs::path copy = fs::temp_directory_path() / ("moelab_show_" + std::to_string(::getpid()) + ".toml");
+  std::ofstream(copy) << r.output;
+  const Result again = run("show " + quoted(copy), false);
+  fs::remove(copy);
+  CHECK(again.status == 0);
+  CHECK(again.output == r.output);
+}
+
+TEST_CASE("moelab show: a sweep prints each point under a header; --point picks one") {
+  const Result all = run("show " + quoted(kRecipes / "sweep.toml"), false);
+  REQUIRE(all.status == 0);
+  CHECK(all.output.rfind("# point 1/6: moe.top_k=1,moe.experts.d_ff=16 (folder top_k-1_d_ff-16)\n", 0) == 0);
+  CHECK(all.output.find("# point 6/6: moe.top_k=2,moe.experts.d_ff=64") != std::string::npos);
+  CHECK(all.output.find("description = \"top_k=2, d_ff=64\"") != std::string::npos);
+
+  const Result one = run("show --point 5 " + quoted(kRecipes / "sweep.toml"), false);
+  REQUIRE(one.status == 0);
+  const toml::table point = toml::parse(one.output);
+  CHECK(point.at_path("moe.top_k").value<int64_t>() == 2);
+  CHECK(point.at_path("moe.experts.d_ff").value<int64_t>() == 32);
+  CHECK(!point.contains("sweep"));
+
+  const Result out_of_range = run("show --point 7 " + quoted(kRecipes / "sweep.toml"));
+  CHECK(out_of_range.status == 2);
+  CHECK(out_of_range.output.find("--point expects a number from 1 to 6") != std::string::npos);
+
+  const Result broken = run("show " + quoted(kRecipes / "broken/wrong_type.toml"));
+  CHECK(broken.status == 2);
+  CHECK(broken.output.find("wrong_type.toml:6:9: error: moe.top_k:") != std::string::npos);
+}

@@ -1,0 +1,156 @@
+// moelab-bench: the MoE layer's forward and forward+backward against a dense GEMM of the same
+// FLOPs, measured in the same run on the same kernel. Prints achieved GFLOP/s and the ratio.
+//
+//   build/bin/moelab-bench                       # the three CPU shapes, balanced routing
+//   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
+//
+// FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
+// 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).
+// The dense reference is one GEMM [T·k, d] × [d, 3F] (the same expert FLOPs in one call),
+// timed forward-only; its rate is the ceiling a grouped expert GEMM can approach.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "moelab/moe_layer.hpp"
+#include "moelab/registry.hpp"
+
+namespace {
+
+using namespace moelab;
+using Clock = std::chrono::steady_clock;
+
+struct BenchShape {
+  int64_t tokens, d_model, d_ff, experts, top_k;
+};
+
+template <class F>
+double median_seconds(int repeats, F&& body) {
+  body();  // warm-up: first-touch allocation, OpenBLAS thread start
+  std::vector<double> times;
+  for (int i = 0; i < repeats; ++i) {
+    const auto start = Clock::now();
+    body();
+    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+PluginChoice defaults(const PluginRegistry& registry, PluginKind kind, const std::string& name) {
+  PluginChoice c;
+  c.type = name;
+  c.params = defaults_of(registry.require(kind, name).schema);
+  return c;
+}
+
+int usage(int status) {
+  std::fprintf(status == 0 ? stdout : stderr,
+               "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n\n"
+               "Times one MoE layer (softmax_topk router, glu experts, dropless) forward and\n"
+               "forward+backward against a dense GEMM of the same FLOPs on the same kernel, and\n"
+               "prints GFLOP/s and the ratio. Default shapes: 4096,512,1408,8,2  4096,512,352,64,8\n"
+               "4096,768,3072,64,1.\n");
+  return status;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<BenchShape> shapes;
+  int repeats = 5;
+  std::string kernel = "cpu";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") return usage(0);
+    if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
+    if (a == "--shape") {
+      BenchShape s{};
+      if (std::sscanf(argv[++i], "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.tokens, &s.d_model, &s.d_ff, &s.experts, &s.top_k) != 5 ||
+          s.tokens < 1 || s.d_model < 1 || s.d_ff < 1 || s.experts < 1 || s.top_k < 1 || s.top_k > s.experts) {
+        std::fprintf(stderr, "moelab-bench: error: --shape wants T,d,F,E,k with 1 <= k <= E, got '%s'\n", argv[i]);
+        return 2;
+      }
+      shapes.push_back(s);
+    } else if (a == "--repeats") {
+      repeats = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--kernel") {
+      kernel = argv[++i];
+    } else {
+      std::fprintf(stderr, "moelab-bench: error: unknown argument '%s'\n", a.c_str());
+      return usage(2);
+    }
+  }
+  if (shapes.empty()) shapes = {{4096, 512, 1408, 8, 2}, {4096, 512, 352, 64, 8}, {4096, 768, 3072, 64, 1}};
+
+  try {
+    PluginRegistry registry = PluginRegistry::with_default_path();
+    std::shared_ptr<Ops> ops = registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
+    std::printf("kernel %s, median of %d runs after one warm-up\n\n", kernel.c_str(), repeats);
+    std::printf("| T | d | F | E | k | dense GFLOP/s | fwd GFLOP/s | fwd/dense | fwd+bwd GFLOP/s | fwd+bwd/dense |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const BenchShape& s : shapes) {
+      MoeConfig moe;
+      moe.num_experts = s.experts;
+      moe.top_k = s.top_k;
+      moe.overflow = Overflow::dropless;
+      moe.router = defaults(registry, PluginKind::router, "softmax_topk");
+      moe.experts = defaults(registry, PluginKind::experts, "glu");
+      moe.experts.params.set("d_ff", s.d_ff);
+      LayerSpec spec;
+      spec.d_model = s.d_model;
+      spec.num_experts = s.experts;
+      spec.top_k = s.top_k;
+      spec.dtype = DType::f32;
+      Rng rng(1);
+      MoeLayer layer(moe, spec, registry, *ops, rng);
+      Tensor x_host = host_tensor(DType::f32, {s.tokens, s.d_model});
+      fill_normal(x_host, 1.0, rng);
+      const Tensor x = ops->to_device(x_host);
+      Tensor dy_host = host_tensor(DType::f32, {s.tokens, s.d_model});
+      fill_normal(dy_host, 1.0, rng);
+      const Tensor dy = ops->to_device(dy_host);
+
+      const double expert_flops = static_cast<double>(s.tokens * s.top_k) * layer.experts().flops_per_routed_token();
+      const double router_flops = 2.0 * static_cast<double>(s.tokens * s.d_model * s.experts);
+      const double forward_flops = expert_flops + router_flops;
+
+      Tensor a_host = host_tensor(DType::f32, {s.tokens * s.top_k, s.d_model});
+      fill_normal(a_host, 1.0, rng);
+      const Tensor a = ops->to_device(a_host);
+      Tensor b = ops->zeros(DType::f32, {s.d_model, 3 * s.d_ff});
+      Tensor c = ops->empty(DType::f32, {s.tokens * s.top_k, 3 * s.d_ff});
+      const double dense_seconds = median_seconds(repeats, [&] {
+        ops->gemm(false, false, 1.0, a, b, 0.0, c);
+        ops->synchronize();
+      });
+      const double dense_rate = expert_flops / dense_seconds;
+
+      const LayerInput input{true, 1, 1, 0, nullptr};
+      const double forward_seconds = median_seconds(repeats, [&] {
+        layer.forward(x, input);
+        ops->synchronize();
+      });
+      const double both_seconds = median_seconds(repeats, [&] {
+        layer.forward(x, input);
+        layer.backward(dy);
+        ops->synchronize();
+      });
+      const double forward_rate = forward_flops / forward_seconds;
+      const double both_rate = 3.0 * forward_flops / both_seconds;
+      std::printf("| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %.1f | %.1f | %.2f | %.1f | %.2f |\n", s.tokens, s.d_model, s.d_ff,
+                  s.experts, s.top_k, dense_rate / 1e9, forward_rate / 1e9, forward_rate / dense_rate, both_rate / 1e9,
+                  both_rate / dense_rate);
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
