@@ -205,13 +205,17 @@ TEST_CASE("the cpu kernel loads through the registry with its declared schema") 
   REQUIRE(info != nullptr);
   CHECK(info->version == "1.0.0");
   CHECK(info->description == "reference CPU kernels on OpenBLAS");
-  REQUIRE(info->schema.size() == 1);
+  REQUIRE(info->schema.size() == 2);
   const ParamSpec& threads = info->schema[0];
   CHECK(threads.name == "threads");
   CHECK(threads.type == ParamType::integer);
   CHECK(std::get<int64_t>(*threads.default_value) == 0);
   CHECK(check_param_value(threads, ParamValue{int64_t{-1}}) != "");
   CHECK(check_param_value(threads, ParamValue{int64_t{2}}) == "");
+  const ParamSpec& cache = info->schema[1];
+  CHECK(cache.name == "cache_mb");
+  CHECK(std::get<int64_t>(*cache.default_value) == 2048);
+  CHECK(check_param_value(cache, ParamValue{int64_t{-1}}) != "");
 
   Ops& ops = cpu_kernel();
   CHECK(ops.name() == "cpu");
@@ -251,6 +255,37 @@ TEST_CASE("memory: empty, zeros, fill and copy on host tensors") {
   CHECK(dtype_error.find("f32") != std::string::npos);
   Tensor wrong_size = ops.empty(DType::f64, {11});
   CHECK(error_of([&] { ops.copy(src, wrong_size); }).find("copy") != std::string::npos);
+}
+
+TEST_CASE("large host blocks are reused after release, zeroed again by zeros, and outlive the kernel") {
+  std::shared_ptr<Ops> ops = load_kernel("cpu");  // its own block cache
+  const Shape big{1024, 1024};                    // 4 MiB of f32, above the 1 MiB the cache starts at
+  const void* first = nullptr;
+  {
+    Tensor t = ops->empty(DType::f32, big);
+    first = t.raw();
+    ops->fill(t, 7.0);
+  }
+  Tensor again = ops->zeros(DType::f32, big);
+  CHECK(again.raw() == first);
+  const float* p = again.data<float>();
+  CHECK(std::all_of(p, p + again.numel(), [](float v) { return v == 0.0f; }));
+  // A request rounding up to the same size class gets a released block back too.
+  const void* second = again.raw();
+  again = Tensor();
+  Tensor smaller = ops->empty(DType::f32, {1024 * 1024 - 100});
+  CHECK(smaller.raw() == second);
+
+  // Blocks stay valid after the kernel object is gone (the sanitizer build checks the rest).
+  Tensor survivor = ops->zeros(DType::f64, {700, 300});
+  ops.reset();
+  std::fill_n(survivor.data<double>(), survivor.numel(), 1.5);
+  CHECK(survivor.data<double>()[survivor.numel() - 1] == 1.5);
+
+  // cache_mb = 0 gives every block back at once; allocation still works and zeros still zero.
+  const std::shared_ptr<Ops> uncached = load_kernel("cpu", {{"cache_mb", int64_t{0}}});
+  Tensor z = uncached->zeros(DType::f32, big);
+  CHECK(std::all_of(z.data<float>(), z.data<float>() + z.numel(), [](float v) { return v == 0.0f; }));
 }
 
 // --- dense and grouped GEMM ---------------------------------------------------------------------
