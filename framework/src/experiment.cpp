@@ -167,6 +167,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
     optimizer.step(config.train.lr);
     layer.after_step();
     recent_loss.push_back(loss);
+    result.train_drop_fraction += layer.stats().drop_fraction / static_cast<double>(config.train.steps);
 
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const double tokens_per_second = static_cast<double>(step * tokens) / std::max(seconds, 1e-9);
@@ -223,6 +224,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   summary["final_eval_loss"] = result.final_eval_loss;
   summary["loss_floor"] = result.loss_floor;
   summary["eval_drop_fraction"] = result.drop_fraction;
+  summary["train_drop_fraction"] = result.train_drop_fraction;
   summary["eval_max_violation"] = result.max_violation;
   summary["dead_experts"] = to_json(dead);
   summary["seconds"] = result.seconds;
@@ -246,7 +248,10 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   report += fmt::format("| final train loss (mean of last {} steps) | {:.6f} |\n", tail, result.final_train_loss);
   report += fmt::format("| eval loss | {:.6f} |\n", result.final_eval_loss);
   report += fmt::format("| loss floor (noise variance) | {:.6f} |\n", result.loss_floor);
-  report += fmt::format("| eval dropped assignments | {:.2f}% |\n", 100.0 * result.drop_fraction);
+  report += fmt::format("| dropped assignments, training (capacity factor {}) | {:.2f}% |\n", config.moe.capacity_factor,
+                        100.0 * result.train_drop_fraction);
+  report += fmt::format("| dropped assignments, evaluation (capacity factor {}) | {:.2f}% |\n",
+                        config.moe.eval_capacity_factor, 100.0 * result.drop_fraction);
   report += fmt::format("| eval MaxVio | {:.3f} |\n", result.max_violation);
   report += fmt::format("| dead experts (no token in {} tokens) | {} |\n", config.moe.dead_expert_window,
                         dead.empty() ? std::string("none") : fmt::format("{}", fmt::join(dead, ", ")));

@@ -3,7 +3,6 @@
 //   # expect: <name relative to tests/recipes/broken>:<line>:<column> [<dotted.key>]
 // and `moelab check FILE` must exit 2 with a diagnostic line holding that place and that key.
 #include <doctest/doctest.h>
-#include <sys/wait.h>
 #include <toml++/toml.h>
 #include <unistd.h>
 
@@ -15,35 +14,18 @@
 #include <string>
 #include <vector>
 
+#include "cli_support.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kMoelab = fs::path(MOELAB_BINARY_DIR) / "bin" / "moelab";
 const fs::path kRecipes = fs::path(MOELAB_TESTS_DIR) / "recipes";
 
-struct Result {
-  int status = -1;
-  std::string output;
-};
-
-// Runs the CLI with stderr folded into stdout (or kept apart, for --json).
+using Result = moelab::test::CommandResult;
+using moelab::test::quoted;
 Result run(const std::string& arguments, bool with_stderr = true) {
-  REQUIRE_MESSAGE(fs::exists(kMoelab), kMoelab << " is not built");
-  const std::string command = "'" + kMoelab.string() + "' " + arguments + (with_stderr ? " 2>&1" : " 2>/dev/null");
-  FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  Result result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
-  const int status = pclose(pipe);
-  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-std::string quoted(const fs::path& path) {
-  return "'" + path.string() + "'";
+  return moelab::test::run_moelab(arguments, with_stderr);
 }
 
 struct Expectation {

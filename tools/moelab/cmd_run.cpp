@@ -109,8 +109,10 @@ int cmd_run(const Args& args) {
     }
     fs::remove_all(run.dir);
     fs::rename(staging, run.dir);
-    std::printf("%s: eval loss %.5f (floor %.5f), dropped %.2f%%, MaxVio %.3f, dead experts %lld, %.1f s\n",
-                run.dir.string().c_str(), result.final_eval_loss, result.loss_floor, 100.0 * result.drop_fraction,
+    std::printf("%s: eval loss %.5f (floor %.5f), dropped %.2f%% in training / %.2f%% in eval, MaxVio %.3f, "
+                "dead experts %lld, %.1f s\n",
+                run.dir.string().c_str(), result.final_eval_loss, result.loss_floor,
+                100.0 * result.train_drop_fraction, 100.0 * result.drop_fraction,
                 result.max_violation, static_cast<long long>(result.dead_experts), result.seconds);
   }
   return kExitOk;

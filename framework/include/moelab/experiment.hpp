@@ -28,7 +28,8 @@ struct RunResult {
   double final_train_loss = 0;
   double final_eval_loss = 0;
   double loss_floor = 0;       // the task's irreducible loss (noise variance)
-  double drop_fraction = 0;    // over the last evaluation
+  double drop_fraction = 0;    // over the last evaluation (evaluation capacity factor)
+  double train_drop_fraction = 0;  // mean over every training step (training capacity factor)
   double max_violation = 0;    // over the last evaluation
   int64_t dead_experts = 0;    // at the end of training
   double seconds = 0;
