@@ -67,6 +67,21 @@ void set_token_major_assignments(Ops& ops, int64_t tokens, int64_t k, RoutingPla
   plan.rank = ops.to_device(rank);
 }
 
+void linear_gate_forward(Ops& ops, const Tensor& x, const Parameter& weight, Tensor& logits) {
+  ops.gemm(false, true, 1.0, x, weight.value, 0.0, logits);
+}
+
+void linear_gate_backward(Ops& ops, const Tensor& x, const Tensor& dlogits, Parameter& weight, Tensor& grad_x) {
+  ops.gemm(true, false, 1.0, dlogits, x, 1.0, weight.grad);
+  ops.gemm(false, false, 1.0, dlogits, weight.value, 1.0, grad_x);
+}
+
+Tensor gradient_from(Ops& ops, const Tensor& incoming, DType dtype, const Shape& shape) {
+  Tensor out = ops.zeros(dtype, shape);
+  if (incoming.defined()) ops.axpy(1.0, incoming, out);
+  return out;
+}
+
 const char* plugin_kind_name(PluginKind kind) {
   switch (kind) {
     case PluginKind::router: return "router";

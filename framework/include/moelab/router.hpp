@@ -48,6 +48,15 @@ struct RouterGrad {
 // t is assignment t*k + j, with token t and rank j.
 void set_token_major_assignments(Ops& ops, int64_t tokens, int64_t k, RoutingPlan& plan);
 
+// The linear gate most routers share: logits [T, E] = x [T, d] W^T, with W [E, d] (HF's
+// gate.weight). The backward accumulates dW += dlogits^T x and adds grad_x += dlogits W.
+void linear_gate_forward(Ops& ops, const Tensor& x, const Parameter& weight, Tensor& logits);
+void linear_gate_backward(Ops& ops, const Tensor& x, const Tensor& dlogits, Parameter& weight, Tensor& grad_x);
+
+// A [T, E] gradient to add to: zeros, plus what the balancers already put in `incoming` (which may
+// be undefined).
+Tensor gradient_from(Ops& ops, const Tensor& incoming, DType dtype, const Shape& shape);
+
 class Router : public Module {
  public:
   // x [T, d] -> plan.

@@ -46,7 +46,7 @@ class ExpertChoice final : public Router {
     RoutingPlan plan;
     plan.top_k = 0;
     plan.logits = ops.empty(x.dtype(), {tokens, experts});
-    ops.gemm(false, true, 1.0, x, weight_.value, 0.0, plan.logits);
+    linear_gate_forward(ops, x, weight_, plan.logits);
     plan.probs = ops.empty(x.dtype(), {tokens, experts});
     ops.softmax_rows(plan.logits, 1.0, plan.probs);
 
@@ -76,14 +76,11 @@ class ExpertChoice final : public Router {
     Ops& ops = ctx.ops;
     const int64_t tokens = x.dim(0), experts = spec_.num_experts;
     // weight[a] = S[token[a], expert[a]]
-    Tensor dprobs = ops.zeros(x.dtype(), {tokens, experts});
-    if (grad.probs.defined()) ops.axpy(1.0, grad.probs, dprobs);
+    Tensor dprobs = gradient_from(ops, grad.probs, x.dtype(), {tokens, experts});
     if (plan.weight.numel() > 0) ops.scatter_add_elements(grad.weight, plan.token, plan.expert, dprobs);
-    Tensor dlogits = ops.zeros(x.dtype(), {tokens, experts});
-    if (grad.logits.defined()) ops.axpy(1.0, grad.logits, dlogits);
+    Tensor dlogits = gradient_from(ops, grad.logits, x.dtype(), {tokens, experts});
     ops.softmax_rows_backward(plan.probs, dprobs, 1.0, true, dlogits);
-    ops.gemm(true, false, 1.0, dlogits, x, 1.0, weight_.grad);
-    ops.gemm(false, false, 1.0, dlogits, weight_.value, 1.0, grad_x);
+    linear_gate_backward(ops, x, dlogits, weight_, grad_x);
   }
 
  private:

@@ -82,7 +82,7 @@ class NoisyTopK final : public Router {
     RoutingPlan plan;
     plan.top_k = k;
     plan.logits = ops.empty(x.dtype(), {tokens, experts});
-    ops.gemm(false, true, 1.0, x, gate_.value, 0.0, plan.logits);
+    linear_gate_forward(ops, x, gate_, plan.logits);
     saved->clean_logits = plan.logits;
     saved->noisy_logits = plan.logits;
     if (saved->noisy) {
@@ -140,16 +140,14 @@ class NoisyTopK final : public Router {
     Tensor dclean = ops.empty(x.dtype(), {tokens, experts});
     ops.copy(dnoisy, dclean);
     if (grad.logits.defined()) ops.axpy(1.0, grad.logits, dclean);
-    ops.gemm(true, false, 1.0, dclean, x, 1.0, gate_.grad);
-    ops.gemm(false, false, 1.0, dclean, gate_.value, 1.0, grad_x);
+    linear_gate_backward(ops, x, dclean, gate_, grad_x);
     if (saved.noisy) {
       Tensor dstd = ops.empty(x.dtype(), {tokens, experts});
       ops.mul(saved.noise, dnoisy, dstd);
       if (saved.added_grad_noise_std().defined()) ops.axpy(1.0, saved.added_grad_noise_std(), dstd);
       Tensor dnoise_input = ops.empty(x.dtype(), {tokens, experts});
       ops.softplus_backward(saved.noise_input, dstd, false, dnoise_input);
-      ops.gemm(true, false, 1.0, dnoise_input, x, 1.0, noise_.grad);
-      ops.gemm(false, false, 1.0, dnoise_input, noise_.value, 1.0, grad_x);
+      linear_gate_backward(ops, x, dnoise_input, noise_, grad_x);
     } else {
       MOELAB_CHECK(!saved.added_grad_noise_std().defined(),
                    "noisy_topk: a balancer added a noise-std gradient to a plan made without noise");

@@ -91,7 +91,7 @@ class SigmoidGrouped final : public Router {
     RoutingPlan plan;
     plan.top_k = k;
     plan.logits = ops.empty(x.dtype(), {tokens, experts});
-    ops.gemm(false, true, 1.0, x, weight_.value, 0.0, plan.logits);
+    linear_gate_forward(ops, x, weight_, plan.logits);
     saved->scores = ops.empty(x.dtype(), {tokens, experts});
     if (sigmoid_) {
       ops.sigmoid(plan.logits, saved->scores);
@@ -144,14 +144,12 @@ class SigmoidGrouped final : public Router {
       else
         ops.axpy(1.0, grad.probs, dscores);
     }
-    Tensor dlogits = ops.zeros(x.dtype(), {tokens, experts});
-    if (grad.logits.defined()) ops.axpy(1.0, grad.logits, dlogits);
+    Tensor dlogits = gradient_from(ops, grad.logits, x.dtype(), {tokens, experts});
     if (sigmoid_)
       ops.sigmoid_backward(saved.scores, dscores, true, dlogits);
     else
       ops.softmax_rows_backward(saved.scores, dscores, 1.0, true, dlogits);
-    ops.gemm(true, false, 1.0, dlogits, x, 1.0, weight_.grad);
-    ops.gemm(false, false, 1.0, dlogits, weight_.value, 1.0, grad_x);
+    linear_gate_backward(ops, x, dlogits, weight_, grad_x);
   }
 
  private:

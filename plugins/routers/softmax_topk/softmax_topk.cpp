@@ -94,10 +94,8 @@ class SoftmaxTopK final : public Router {
     else if (renormalize_) ops.normalize_rows_backward(saved.selected, weight, dweight, false, dselected);
     else ops.copy(dweight, dselected);
 
-    Tensor dlogits = ops.zeros(x.dtype(), {tokens, experts});
-    if (grad.logits.defined()) ops.axpy(1.0, grad.logits, dlogits);
-    Tensor dprobs = ops.zeros(x.dtype(), {tokens, experts});
-    if (grad.probs.defined()) ops.axpy(1.0, grad.probs, dprobs);
+    Tensor dlogits = gradient_from(ops, grad.logits, x.dtype(), {tokens, experts});
+    Tensor dprobs = gradient_from(ops, grad.probs, x.dtype(), {tokens, experts});
     const Tensor flat_dselected = dselected.reshaped({tokens * k});
     ops.scatter_add_elements(flat_dselected, plan.token, plan.expert, softmax_first_ ? dprobs : dlogits);
     ops.softmax_rows_backward(plan.probs, dprobs, temperature_, true, dlogits);
