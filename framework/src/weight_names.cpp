@@ -74,6 +74,22 @@ void convert(const Tensor& src, int64_t src_offset, Tensor& dst, int64_t dst_off
   for (int64_t i = 0; i < count; ++i) set_host_value(dst, dst_offset + i, host_value(src, src_offset + i));
 }
 
+// Walks the source tensors a parameter of `shape` is stacked from: each piece's name, the element
+// offset of its first row inside the parameter, and its shape [rows, cols].
+template <class Visit>
+void for_each_piece(const Mapping& m, const Shape& shape, Visit&& visit) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  const int64_t groups = m.per_group ? shape[0] : 1;
+  const int64_t group_rows = m.per_group ? shape[1] : shape[0];
+  const int64_t cols = numel / (groups * group_rows);
+  const int64_t piece_rows = group_rows / static_cast<int64_t>(m.pieces.size());
+  for (int64_t g = 0; g < groups; ++g)
+    for (size_t p = 0; p < m.pieces.size(); ++p)
+      visit(expand(m.pieces[p], g), (g * group_rows + static_cast<int64_t>(p) * piece_rows) * cols,
+            Shape{piece_rows, cols});
+}
+
 const Mapping& require_mapping(const std::map<std::string, Mapping>& table, const std::string& param,
                                WeightNames format) {
   auto it = table.find(param);
@@ -126,18 +142,11 @@ void load_layer_weights(MoeLayer& layer, Ops& ops, const SafetensorsFile& file, 
       convert(t, 0, host, 0, host.numel());
     } else {
       const Mapping& m = require_mapping(table, param_name, format);
-      const Shape& shape = param->value.shape();
-      const int64_t groups = m.per_group ? shape[0] : 1;
-      const int64_t group_rows = m.per_group ? shape[1] : shape[0];
-      const int64_t cols = host.numel() / (groups * group_rows);
-      const int64_t piece_rows = group_rows / static_cast<int64_t>(m.pieces.size());
-      for (int64_t g = 0; g < groups; ++g)
-        for (size_t p = 0; p < m.pieces.size(); ++p) {
-          const std::string name = expand(m.pieces[p], g);
-          const Tensor& t = fetch(name);
-          expect(name, t, {piece_rows, cols});
-          convert(t, 0, host, (g * group_rows + static_cast<int64_t>(p) * piece_rows) * cols, piece_rows * cols);
-        }
+      for_each_piece(m, param->value.shape(), [&](const std::string& name, int64_t offset, const Shape& shape) {
+        const Tensor& t = fetch(name);
+        expect(name, t, shape);
+        convert(t, 0, host, offset, t.numel());
+      });
     }
     ops.copy(host, param->value);
   }
@@ -167,17 +176,11 @@ std::vector<std::pair<std::string, Tensor>> export_layer_weights(MoeLayer& layer
       continue;
     }
     const Mapping& m = require_mapping(table, param_name, format);
-    const Shape& shape = param->value.shape();
-    const int64_t groups = m.per_group ? shape[0] : 1;
-    const int64_t group_rows = m.per_group ? shape[1] : shape[0];
-    const int64_t cols = host.numel() / (groups * group_rows);
-    const int64_t piece_rows = group_rows / static_cast<int64_t>(m.pieces.size());
-    for (int64_t g = 0; g < groups; ++g)
-      for (size_t p = 0; p < m.pieces.size(); ++p) {
-        Tensor piece = host_tensor(host.dtype(), {piece_rows, cols});
-        convert(host, (g * group_rows + static_cast<int64_t>(p) * piece_rows) * cols, piece, 0, piece_rows * cols);
-        out.emplace_back(prefix + expand(m.pieces[p], g), piece);
-      }
+    for_each_piece(m, param->value.shape(), [&](const std::string& name, int64_t offset, const Shape& shape) {
+      Tensor piece = host_tensor(host.dtype(), shape);
+      convert(host, offset, piece, 0, piece.numel());
+      out.emplace_back(prefix + name, piece);
+    });
   }
   if (format == WeightNames::deepseek_v3 && layer.expert_bias().defined())
     out.emplace_back(prefix + kBiasName, ops.to_host(layer.expert_bias()));

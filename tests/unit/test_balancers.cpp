@@ -18,27 +18,10 @@ using namespace moelab::test;
 
 namespace {
 
-using Overrides = std::vector<std::pair<std::string, ParamValue>>;
-
-LayerSpec layer_spec(int64_t experts, int64_t k, int64_t d_model = 8) {
-  LayerSpec spec;
-  spec.d_model = d_model;
-  spec.num_experts = experts;
-  spec.top_k = k;
-  spec.dtype = DType::f64;
-  return spec;
-}
-
-ParamSet params_of(PluginKind kind, const std::string& name, const Overrides& overrides) {
-  ParamSet params = defaults_of(registry().require(kind, name).schema);
-  for (const auto& [key, value] : overrides) params.set(key, value);
-  return params;
-}
-
 std::shared_ptr<Balancer> make_balancer(const std::string& name, const LayerSpec& spec,
                                         const Overrides& overrides = {}) {
   Rng rng(7);
-  return registry().make_balancer(name, params_of(PluginKind::balancer, name, overrides), spec, cpu_kernel(), rng);
+  return registry().make_balancer(name, plugin_params(PluginKind::balancer, name, overrides), spec, cpu_kernel(), rng);
 }
 
 // A token-choice plan as softmax_topk builds it, in double: logits normal(0, 1.5), probs their
@@ -315,7 +298,7 @@ TEST_CASE("cv_squared with noisy_topk uses Shazeer's smooth load (eq. 8-10), exa
   const int64_t tokens = 9, experts = 5, k = 2, d = 4;
   const LayerSpec spec = layer_spec(experts, k, d);
   Rng init(23);
-  auto router = registry().make_router("noisy_topk", params_of(PluginKind::router, "noisy_topk", {{"init_std", 0.5}}),
+  auto router = registry().make_router("noisy_topk", plugin_params(PluginKind::router, "noisy_topk", {{"init_std", 0.5}}),
                                        spec, ops, init);
   auto balancer = make_balancer("cv_squared", spec, {{"w_importance", 0.3}, {"w_load", 0.6}});
   Rng data(24);
@@ -540,7 +523,7 @@ TEST_CASE("aux_free_bias steers a softmax_topk router on a skewed input towards 
   const LayerSpec spec = layer_spec(experts, k, d);
   Rng init(18);
   auto router = registry().make_router(
-      "softmax_topk", params_of(PluginKind::router, "softmax_topk", {{"init_std", 0.25}}), spec, ops, init);
+      "softmax_topk", plugin_params(PluginKind::router, "softmax_topk", {{"init_std", 0.25}}), spec, ops, init);
   auto balancer = make_balancer("aux_free_bias", spec, {{"gamma", 0.002}});
   Rng data(19);
   const Tensor direction = random_normal(DType::f64, {1, d}, data);
@@ -593,7 +576,7 @@ TEST_CASE("these balancers' gradients are exact on the plans of every registered
     if (!has_init_std) settings.erase(settings.begin());
     Rng init(28);
     auto router =
-        registry().make_router(router_name, params_of(PluginKind::router, router_name, settings), spec, ops, init);
+        registry().make_router(router_name, plugin_params(PluginKind::router, router_name, settings), spec, ops, init);
     Rng noise(29);
     RouterContext ctx = context(noise, 2, 6);
     Tensor token_ids = host_tensor(DType::i32, {tokens});  // for the hash router

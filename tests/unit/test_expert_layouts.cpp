@@ -15,30 +15,13 @@ using namespace moelab::test;
 
 namespace {
 
-using Overrides = std::vector<std::pair<std::string, ParamValue>>;
-
-LayerSpec layer_spec(int64_t experts, int64_t k, int64_t d_model = 6) {
-  LayerSpec spec;
-  spec.d_model = d_model;
-  spec.num_experts = experts;
-  spec.top_k = k;
-  spec.dtype = DType::f64;
-  return spec;
-}
-
-ParamSet params_of(const std::string& name, const Overrides& overrides) {
-  ParamSet params = defaults_of(registry().require(PluginKind::experts, name).schema);
-  for (const auto& [key, value] : overrides) params.set(key, value);
-  return params;
-}
-
 // Weights normal(0, 0.5) rather than the default 0.02, so that every term of the FFN is O(1) and a
 // wrong gradient term cannot hide under the finite-difference noise.
 std::shared_ptr<Experts> make_experts(const std::string& name, const LayerSpec& spec, const Overrides& overrides) {
   Rng rng(3);
   Overrides all{{"init_std", 0.5}};
   all.insert(all.end(), overrides.begin(), overrides.end());
-  return registry().make_experts(name, params_of(name, all), spec, cpu_kernel(), rng);
+  return registry().make_experts(name, plugin_params(PluginKind::experts, name, all), spec, cpu_kernel(), rng);
 }
 
 std::map<std::string, Parameter*> by_name(Experts& experts) {
@@ -172,7 +155,7 @@ TEST_CASE("fine_grained multiplies num_experts and top_k by segments and keeps t
   const int64_t d = 32, d_ff = 128;
   for (const bool gated : {true, false}) {
     CAPTURE(gated);
-    const ParamSet params = params_of("fine_grained", {{"segments", int64_t{4}}, {"d_ff", d_ff}, {"gated", gated}});
+    const ParamSet params = plugin_params(PluginKind::experts, "fine_grained", {{"segments", int64_t{4}}, {"d_ff", d_ff}, {"gated", gated}});
     LayerSpec spec = layer_spec(16, 2, d);  // the recipe's coarse layout: 16 experts, top-2
     info.manifest->adjust_layer(params, spec);
     CHECK(spec.num_experts == 64);
@@ -181,7 +164,7 @@ TEST_CASE("fine_grained multiplies num_experts and top_k by segments and keeps t
     auto fine = registry().make_experts("fine_grained", params, spec, cpu_kernel(), rng);
     // The coarse layout: 16 glu (or full) experts of width d_ff, top-2.
     const std::string coarse_name = gated ? "glu" : "full";
-    auto coarse = registry().make_experts(coarse_name, params_of(coarse_name, {{"d_ff", d_ff}}), layer_spec(16, 2, d),
+    auto coarse = registry().make_experts(coarse_name, plugin_params(PluginKind::experts, coarse_name, {{"d_ff", d_ff}}), layer_spec(16, 2, d),
                                           cpu_kernel(), rng);
     CHECK(fine->flops_per_routed_token() * static_cast<double>(spec.top_k) ==
           doctest::Approx(coarse->flops_per_routed_token() * 2.0));
@@ -196,14 +179,14 @@ TEST_CASE("fine_grained rejects a d_ff that segments does not divide, naming d_f
   const PluginInfo& info = info_of("fine_grained");
   REQUIRE(static_cast<bool>(info.manifest->check));
   ParamProblems problems;
-  info.manifest->check(params_of("fine_grained", {{"d_ff", int64_t{258}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
+  info.manifest->check(plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{258}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
                        problems);
   REQUIRE(problems.size() == 1);
   CHECK(problems[0].param == "d_ff");
   CHECK(problems[0].message.find("divisible by segments (4)") != std::string::npos);
   CHECK(problems[0].message.find("258") != std::string::npos);
   problems.clear();
-  info.manifest->check(params_of("fine_grained", {{"d_ff", int64_t{256}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
+  info.manifest->check(plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{256}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
                        problems);
   CHECK(problems.empty());
 }
@@ -211,7 +194,7 @@ TEST_CASE("fine_grained rejects a d_ff that segments does not divide, naming d_f
 TEST_CASE("fine_grained experts equal a naive GLU of width d_ff / segments and their gradients are exact") {
   Ops& ops = cpu_kernel();
   const int64_t d = 5;
-  const ParamSet params = params_of("fine_grained", {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
+  const ParamSet params = plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
   LayerSpec spec = layer_spec(3, 1, d);
   info_of("fine_grained").manifest->adjust_layer(params, spec);  // 6 experts of width 3, top-2
   auto experts = make_experts("fine_grained", spec, {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
@@ -262,7 +245,7 @@ TEST_CASE("shared_routed names routed and shared parameters apart and sizes the 
   // FLOPs describe one routed expert only.
   Rng rng(1);
   auto glu =
-      registry().make_experts("glu", params_of("glu", {{"d_ff", int64_t{5}}}), layer_spec(3, 1, d), cpu_kernel(), rng);
+      registry().make_experts("glu", plugin_params(PluginKind::experts, "glu", {{"d_ff", int64_t{5}}}), layer_spec(3, 1, d), cpu_kernel(), rng);
   CHECK(gated->flops_per_routed_token() == doctest::Approx(glu->flops_per_routed_token()));
 }
 

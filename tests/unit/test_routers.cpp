@@ -23,28 +23,11 @@ using namespace moelab::test;
 
 namespace {
 
-using Overrides = std::vector<std::pair<std::string, ParamValue>>;
-
-LayerSpec layer_spec(int64_t experts, int64_t k, int64_t d_model = 6) {
-  LayerSpec spec;
-  spec.d_model = d_model;
-  spec.num_experts = experts;
-  spec.top_k = k;
-  spec.dtype = DType::f64;
-  return spec;
-}
-
-ParamSet router_params(const std::string& name, const Overrides& overrides) {
-  ParamSet params = defaults_of(registry().require(PluginKind::router, name).schema);
-  for (const auto& [key, value] : overrides) params.set(key, value);
-  return params;
-}
-
 // The router's cross-field problems for these settings (what the recipe engine reports).
 ParamProblems check_router(const std::string& name, const LayerSpec& spec, const Overrides& overrides) {
   const PluginInfo& info = registry().require(PluginKind::router, name);
   ParamProblems problems;
-  if (info.manifest->check) info.manifest->check(router_params(name, overrides), spec, problems);
+  if (info.manifest->check) info.manifest->check(plugin_params(PluginKind::router, name, overrides), spec, problems);
   return problems;
 }
 
@@ -52,7 +35,7 @@ std::shared_ptr<Router> make_router(const std::string& name, const LayerSpec& sp
                                     uint64_t seed = 7) {
   REQUIRE(check_router(name, spec, overrides).empty());
   Rng rng(seed);
-  return registry().make_router(name, router_params(name, overrides), spec, cpu_kernel(), rng);
+  return registry().make_router(name, plugin_params(PluginKind::router, name, overrides), spec, cpu_kernel(), rng);
 }
 
 // What a layer hands the router besides x.

@@ -49,6 +49,33 @@ inline Ops& cpu_kernel() {
   return *ops;
 }
 
+using Overrides = std::vector<std::pair<std::string, ParamValue>>;
+
+// A plugin's parameters: its schema's defaults, then `overrides` (validated as a recipe would be:
+// a test that sets a parameter the schema lacks fails here, not silently).
+inline ParamSet plugin_params(PluginKind kind, const std::string& name, const Overrides& overrides = {}) {
+  const PluginInfo& info = registry().require(kind, name);
+  ParamSet params = defaults_of(info.schema);
+  for (const auto& [key, value] : overrides) {
+    const auto spec = std::find_if(info.schema.begin(), info.schema.end(), [&](const ParamSpec& p) { return p.name == key; });
+    if (spec == info.schema.end()) throw RuntimeError(fmt::format("{} has no parameter '{}'", name, key));
+    if (auto problem = check_param_value(*spec, value); !problem.empty())
+      throw RuntimeError(fmt::format("{}.{}: {}", name, key, problem));
+    params.set(key, value);
+  }
+  return params;
+}
+
+// The layer shape the unit tests use: double precision, so gradient checks are tight.
+inline LayerSpec layer_spec(int64_t experts, int64_t k, int64_t d_model = 6) {
+  LayerSpec spec;
+  spec.d_model = d_model;
+  spec.num_experts = experts;
+  spec.top_k = k;
+  spec.dtype = DType::f64;
+  return spec;
+}
+
 // A host f32/f64 tensor, uniform in [lo, hi) or normal(0, std).
 inline Tensor random_uniform(DType dtype, const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
   Tensor t = host_tensor(dtype, shape);

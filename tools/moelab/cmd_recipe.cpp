@@ -1,4 +1,5 @@
 // moelab check / moelab show: load a recipe, expand its sweep, validate every point.
+#include <boost/json.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -66,34 +67,7 @@ Validation validate(const std::string& file, const std::vector<std::string>& ove
   return out;
 }
 
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (unsigned char c : text) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (c < 0x20)
-          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
-        else
-          out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
+std::string json_string(const std::string& text) { return boost::json::serialize(boost::json::string(text)); }
 
 std::string json_report(const Validation& v) {
   // runs: how many runs the recipe describes (0 when it could not even be loaded).
