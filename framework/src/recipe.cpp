@@ -180,14 +180,25 @@ void record_origins(const toml::node& node, const std::string& path, const Sourc
 // ---------------------------------------------------------------------------------------------
 // Tree edits
 
-// Deep merge: tables merge key by key, anything else (arrays included) is replaced by `from`.
+// A plugin table names its plugin with `type`. When a later file names another plugin, the
+// earlier table's parameters belong to the old plugin and would only be unknown keys to the new
+// one, so the table is replaced whole instead of merged.
+bool names_another_plugin(const toml::table& before, const toml::table& after) {
+  const auto* old_type = before.get_as<std::string>("type");
+  const auto* new_type = after.get_as<std::string>("type");
+  return old_type && new_type && old_type->get() != new_type->get();
+}
+
+// Deep merge: tables merge key by key (unless they name different plugins), anything else
+// (arrays included) is replaced by `from`.
 void merge_into(toml::table& into, Origins& into_origins, const toml::table& from, const Origins& from_origins,
                 const std::string& prefix) {
   for (auto&& [key, node] : from) {
     const std::string name(key.str());
     const std::string path = Recipe::key_path(prefix, name);
     toml::node* existing = into.get(name);
-    if (existing && existing->is_table() && node.is_table()) {
+    if (existing && existing->is_table() && node.is_table() &&
+        !names_another_plugin(*existing->as_table(), *node.as_table())) {
       if (auto it = from_origins.find(path); it != from_origins.end()) into_origins[path] = it->second;
       merge_into(*existing->as_table(), into_origins, *node.as_table(), from_origins, path);
     } else {
@@ -908,6 +919,23 @@ struct RecipeLoader {
       return;
     }
     const toml::node& node = *parsed->get("value");
+    // `--set moe.router.type=hash` switches plugins: the old plugin's parameters go with it (the
+    // same rule as for merging), and later --set options may set the new plugin's.
+    if (parts->size() >= 2 && !parts->back().is_index && parts->back().key == "type" && node.is_string()) {
+      const KeyPath parent_path(parts->begin(), parts->end() - 1);
+      if (auto* parent = const_cast<toml::node*>(find_at(table, parent_path)); parent && parent->is_table()) {
+        const auto* old_type = parent->as_table()->get_as<std::string>("type");
+        if (old_type && old_type->get() != *node.value<std::string>()) {
+          parent->as_table()->clear();
+          const std::string parent_key = path_string(parent_path);
+          const auto kept = origins.find(parent_key);
+          const std::optional<Recipe::Origin> parent_origin =
+              kept == origins.end() ? std::nullopt : std::optional<Recipe::Origin>(kept->second);
+          erase_subtree(origins, parent_key);
+          if (parent_origin) origins[parent_key] = *parent_origin;
+        }
+      }
+    }
     const std::string problem_setting = set_at(table, *parts, node, origins, where);
     if (!problem_setting.empty()) {
       diagnostics.add(where, dotted, fmt::format("cannot set '{}': {}", dotted, problem_setting));

@@ -231,7 +231,7 @@ TEST_CASE("overrides: values are TOML, bare words are strings, new keys are allo
       "moe.top_k=4",
       "moe.capacity_factor = 1.5",
       "train.use_bias=true",
-      "moe.router.type=noisy_topk",  // bare word -> string
+      "moe.router.type=softmax_topk",  // bare word -> string; the same plugin, so its table is kept
       "output.dir=runs/exp-1",       // a path is a bare word too
       "name=\"quoted name\"",
       "moe.list=[1, 2, 3]",
@@ -242,7 +242,7 @@ TEST_CASE("overrides: values are TOML, bare words are strings, new keys are allo
   CHECK(int_at(r, "moe.top_k") == 4);
   CHECK(r.table().at_path("moe.capacity_factor").value<double>() == 1.5);
   CHECK(r.table().at_path("train.use_bias").value<bool>() == true);
-  CHECK(string_at(r, "moe.router.type") == "noisy_topk");
+  CHECK(string_at(r, "moe.router.type") == "softmax_topk");
   CHECK(r.table().at_path("moe.router.jitter_eps").value<double>() == 0.1);  // the table keeps its other keys
   CHECK(string_at(r, "output.dir") == "runs/exp-1");
   CHECK(string_at(r, "name") == "quoted name");
@@ -580,4 +580,31 @@ TEST_CASE("copies are independent and keep their places") {
   assigned = original;
   CHECK(assigned.where("t.b").str() == "mem.toml:3:5");
   CHECK(assigned.path() == "mem.toml");
+}
+
+TEST_CASE("a later file or --set naming another plugin replaces the plugin table instead of merging it") {
+  const fs::path dir = fs::temp_directory_path() / ("moelab-plugin-switch-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "base.toml") << "[moe.router]\ntype = \"softmax_topk\"\nrenormalize = true\njitter_eps = 0.1\n";
+  std::ofstream(dir / "same.toml") << "extends = \"base.toml\"\n[moe.router]\ntype = \"softmax_topk\"\ntemperature = 2.0\n";
+  std::ofstream(dir / "other.toml") << "extends = \"base.toml\"\n[moe.router]\ntype = \"hash\"\nmode = \"random\"\n";
+  // The same plugin merges key by key.
+  const moelab::Recipe same = moelab::Recipe::load(dir / "same.toml");
+  CHECK(same.table().at_path("moe.router.renormalize").value<bool>() == true);
+  CHECK(same.table().at_path("moe.router.temperature").value<double>() == 2.0);
+  // Another plugin starts from its own table.
+  const moelab::Recipe other = moelab::Recipe::load(dir / "other.toml");
+  CHECK(!other.table().at_path("moe.router.renormalize"));
+  CHECK(other.table().at_path("moe.router.mode").value<std::string>() == "random");
+  // --set does the same, and later --set options apply to the new plugin.
+  const moelab::Recipe set = moelab::Recipe::load(
+      dir / "base.toml", moelab::LoadOptions{{"moe.router.type=hash", "moe.router.seed=3"}});
+  CHECK(!set.table().at_path("moe.router.jitter_eps"));
+  CHECK(set.table().at_path("moe.router.seed").value<int64_t>() == 3);
+  CHECK(set.where("moe.router.type").file == "<--set moe.router.type=hash>");
+  // Setting the same type keeps the parameters.
+  const moelab::Recipe kept =
+      moelab::Recipe::load(dir / "base.toml", moelab::LoadOptions{{"moe.router.type=softmax_topk"}});
+  CHECK(kept.table().at_path("moe.router.jitter_eps").value<double>() == doctest::Approx(0.1));
+  fs::remove_all(dir);
 }
