@@ -14,6 +14,29 @@ namespace moelab {
 
 namespace fs = std::filesystem;
 
+const char* architecture_name(Architecture architecture) {
+  return architecture == Architecture::encoder_decoder ? "encoder_decoder" : "decoder";
+}
+
+const char* attention_name(AttentionKind attention) {
+  switch (attention) {
+    case AttentionKind::none: return "none";
+    case AttentionKind::mha: return "mha";
+    case AttentionKind::gqa: return "gqa";
+    case AttentionKind::mla: return "mla";
+  }
+  return "?";
+}
+
+const char* norm_name(NormKind norm) {
+  switch (norm) {
+    case NormKind::none: return "none";
+    case NormKind::rmsnorm: return "rmsnorm";
+    case NormKind::layernorm: return "layernorm";
+  }
+  return "?";
+}
+
 const char* overflow_name(Overflow overflow) {
   switch (overflow) {
     case Overflow::drop:
@@ -40,7 +63,60 @@ std::vector<SectionSchema> core_schema() {
       {"kernel", {param_string("type", "", "kernel plugin; default: the device's name. Its parameters follow")}},
       {"model",
        {param_int("d_model", 64, "hidden size of the tokens the MoE layer sees").at_least(1),
-        param_choice("dtype", "f32", {"f32", "f64"}, "parameter and activation dtype")}},
+        param_choice("dtype", "f32", {"f32", "f64"}, "parameter and activation dtype"),
+        param_choice("architecture", "decoder", {"decoder", "encoder_decoder"},
+                     "decoder-only, or a T5-style encoder-decoder (Switch, GShard, ST-MoE)"),
+        param_int("vocab_size", 0, "token vocabulary; 0: no embedding or LM head (the built-in task feeds vectors)")
+            .at_least(0),
+        param_int("n_layers", 1, "transformer layers of the decoder (the only stack of a decoder-only model)")
+            .at_least(1),
+        param_int("n_encoder_layers", 0, "encoder layers; encoder_decoder only").at_least(0),
+        param_choice("attention", "none", {"none", "mha", "gqa", "mla"},
+                     "self-attention: none (the bare MoE layer), multi-head, grouped-query, or DeepSeek's "
+                     "multi-head latent attention"),
+        param_int("n_heads", 1, "attention heads").at_least(1),
+        param_int("n_kv_heads", 0, "key/value heads (GQA); 0: n_heads").at_least(0),
+        param_int("head_dim", 0, "width of one head; 0: d_model / n_heads").at_least(0),
+        param_bool("attention_bias", false, "biases on the q, k, v and output projections"),
+        param_bool("qkv_bias", false, "biases on the q, k and v projections only (Qwen1.5, Qwen2)"),
+        param_choice("qk_norm", "none", {"none", "head", "full"},
+                     "RMSNorm on queries and keys: per head (Qwen3, width head_dim) or over the whole "
+                     "projection (OLMoE)"),
+        param_int("q_lora_rank", 0, "MLA: rank of the query compression; 0 projects queries directly").at_least(0),
+        param_int("kv_lora_rank", 512, "MLA: rank of the joint key/value compression").at_least(1),
+        param_int("qk_nope_head_dim", 128, "MLA: per-head query/key width without RoPE").at_least(1),
+        param_int("qk_rope_head_dim", 64, "MLA: per-head query/key width carrying RoPE (the key part shared)")
+            .at_least(0),
+        param_int("v_head_dim", 128, "MLA: per-head value width").at_least(1),
+        param_int("relative_attention_buckets", 0,
+                  "T5 relative position bias buckets ([buckets, n_heads] per stack); 0: none")
+            .at_least(0),
+        param_int("d_ff", 0, "hidden width of the dense FFN layers; 0: there are none").at_least(0),
+        param_choice("dense_ffn", "glu", {"glu", "full"}, "dense FFN: gated (gate, up, down) or two-layer (in, out)"),
+        param_choice("dense_activation", "silu", {"relu", "gelu", "gelu_erf", "silu"}, "dense FFN activation"),
+        param_int("first_dense_layers", 0, "k: the first k layers of each stack have a dense FFN").at_least(0),
+        param_int("moe_every", 1, "n: after the first k, layers k+n-1, k+2n-1, ... are MoE, the rest dense")
+            .at_least(1),
+        param_choice("norm", "none", {"none", "rmsnorm", "layernorm"},
+                     "normalisation before each sub-layer and at the end of each stack"),
+        param_bool("norm_bias", false, "layernorm with a bias"),
+        param_bool("tied_embeddings", false, "the LM head reuses the token embedding"),
+        param_int("mtp_modules", 0,
+                  "DeepSeek-V3 multi-token prediction modules (each: two norms, a [d, 2d] projection, one "
+                  "layer; embedding and head shared); counted apart from the model")
+            .at_least(0)}},
+      {"reference",
+       {param_int("published_total_params", 0, "total parameters as published; 0: none published").at_least(0),
+        param_int("published_active_params", 0, "active parameters per token as published; 0: none published")
+            .at_least(0),
+        param_int("published_precision", 0,
+                  "the unit the published figures are rounded to (26B: 1000000000); 0: exact as written")
+            .at_least(0),
+        param_string("source", "", "where the architecture and the figures were published"),
+        param_string("counts", "", "what the published figures include or leave out"),
+        param_string("known_deviation", "",
+                     "why inspect misses a published figure by more than the tolerance; the test then "
+                     "checks that the miss is real")}},
       {"moe",
        {param_int("num_experts", 8, "routed experts, as the recipe states them").at_least(1),
         param_int("top_k", 2, "experts per token; at most num_experts").at_least(1),
@@ -390,6 +466,110 @@ class Validator {
   Diagnostics& diagnostics_;
 };
 
+// [model] beyond d_model and dtype: the transformer around the MoE layers, and its cross-field rules.
+void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, ModelConfig& m) {
+  if (!values.has("architecture")) return;  // a key had the wrong type: already reported
+  auto set = [&](const char* key) { return recipe.where(std::string("model.") + key).known(); };
+  // Rules about keys that do not apply look at values, not at whether a key is written: a
+  // resolved recipe (moelab show, a run folder's recipe.toml) writes every default.
+  const ParamSchema schema = schema_of(core_schema(), "model");  // a copy: core_schema() is a temporary
+  auto non_default = [&](const char* key) {
+    for (const auto& spec : schema)
+      if (spec.name == key) return !(spec.default_value && *spec.default_value == values.values().at(key));
+    return false;
+  };
+  m.architecture = values.get_string("architecture") == "encoder_decoder" ? Architecture::encoder_decoder
+                                                                           : Architecture::decoder;
+  m.vocab_size = values.get_int("vocab_size");
+  m.n_layers = values.get_int("n_layers");
+  m.n_encoder_layers = values.get_int("n_encoder_layers");
+  const std::string& attention = values.get_string("attention");
+  m.attention = attention == "mha"   ? AttentionKind::mha
+                : attention == "gqa" ? AttentionKind::gqa
+                : attention == "mla" ? AttentionKind::mla
+                                     : AttentionKind::none;
+  m.n_heads = values.get_int("n_heads");
+  m.n_kv_heads = values.get_int("n_kv_heads") > 0 ? values.get_int("n_kv_heads") : m.n_heads;
+  m.head_dim = values.get_int("head_dim") > 0 ? values.get_int("head_dim") : m.d_model / m.n_heads;
+  m.attention_bias = values.get_bool("attention_bias");
+  m.qkv_bias = values.get_bool("qkv_bias");
+  const std::string& qk_norm = values.get_string("qk_norm");
+  m.qk_norm = qk_norm == "head" ? QkNorm::head : qk_norm == "full" ? QkNorm::full : QkNorm::none;
+  m.q_lora_rank = values.get_int("q_lora_rank");
+  m.kv_lora_rank = values.get_int("kv_lora_rank");
+  m.qk_nope_head_dim = values.get_int("qk_nope_head_dim");
+  m.qk_rope_head_dim = values.get_int("qk_rope_head_dim");
+  m.v_head_dim = values.get_int("v_head_dim");
+  m.relative_attention_buckets = values.get_int("relative_attention_buckets");
+  m.d_ff = values.get_int("d_ff");
+  m.dense_ffn_glu = values.get_string("dense_ffn") == "glu";
+  m.dense_activation = values.get_string("dense_activation");
+  m.first_dense_layers = values.get_int("first_dense_layers");
+  m.moe_every = values.get_int("moe_every");
+  const std::string& norm = values.get_string("norm");
+  m.norm = norm == "rmsnorm" ? NormKind::rmsnorm : norm == "layernorm" ? NormKind::layernorm : NormKind::none;
+  m.norm_bias = values.get_bool("norm_bias");
+  m.tied_embeddings = values.get_bool("tied_embeddings");
+  m.mtp_modules = values.get_int("mtp_modules");
+
+  const bool encoder_decoder = m.architecture == Architecture::encoder_decoder;
+  if (encoder_decoder && m.n_encoder_layers < 1)
+    check.error("model.n_encoder_layers",
+                fmt::format("an encoder_decoder model needs n_encoder_layers >= 1, got {}", m.n_encoder_layers),
+                "set model.n_encoder_layers to the encoder's depth");
+  if (!encoder_decoder && m.n_encoder_layers != 0)
+    check.error("model.n_encoder_layers", "is only read when architecture = \"encoder_decoder\"",
+                "remove it, or set model.architecture = \"encoder_decoder\"");
+  if (m.attention == AttentionKind::mha && set("n_kv_heads") && m.n_kv_heads != m.n_heads)
+    check.error("model.n_kv_heads",
+                fmt::format("multi-head attention has one key/value head per query head: n_kv_heads ({}) must "
+                            "equal n_heads ({})",
+                            m.n_kv_heads, m.n_heads),
+                "use attention = \"gqa\" for fewer key/value heads");
+  if (m.n_kv_heads > m.n_heads || m.n_heads % m.n_kv_heads != 0)
+    check.error(set("n_kv_heads") ? "model.n_kv_heads" : "model.n_heads",
+                fmt::format("n_heads ({}) must be a multiple of n_kv_heads ({})", m.n_heads, m.n_kv_heads),
+                "each key/value head serves n_heads / n_kv_heads query heads");
+  if (m.attention != AttentionKind::none && m.attention != AttentionKind::mla && values.get_int("head_dim") == 0 &&
+      m.d_model % m.n_heads != 0)
+    check.error("model.n_heads",
+                fmt::format("d_model ({}) is not divisible by n_heads ({}), so head_dim has no default",
+                            m.d_model, m.n_heads),
+                "set model.head_dim");
+  if (m.attention != AttentionKind::mla)
+    for (const char* key : {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"})
+      if (non_default(key))
+        check.error(std::string("model.") + key, "is only read when attention = \"mla\"",
+                    fmt::format("attention is \"{}\"", attention));
+  if (m.attention == AttentionKind::mla && (non_default("n_kv_heads") || non_default("head_dim")))
+    check.error(non_default("n_kv_heads") ? "model.n_kv_heads" : "model.head_dim",
+                "multi-head latent attention sizes its heads with qk_nope_head_dim, qk_rope_head_dim and v_head_dim",
+                "remove it");
+  if (m.attention == AttentionKind::mla && (m.attention_bias || m.qkv_bias))
+    check.error(m.attention_bias ? "model.attention_bias" : "model.qkv_bias",
+                "multi-head latent attention has no projection biases here (DeepSeek-V2/V3 have none)");
+  if (m.qk_norm != QkNorm::none && (m.attention == AttentionKind::none || m.attention == AttentionKind::mla))
+    check.error("model.qk_norm", fmt::format("needs attention = \"mha\" or \"gqa\", got \"{}\"", attention));
+  if (m.attention_bias && m.qkv_bias)
+    check.error("model.qkv_bias", "attention_bias already puts biases on q, k and v", "set only one of them");
+  if (m.norm_bias && m.norm != NormKind::layernorm)
+    check.error("model.norm_bias", fmt::format("needs norm = \"layernorm\", got \"{}\"", norm));
+  if (m.tied_embeddings && m.vocab_size == 0)
+    check.error("model.tied_embeddings", "needs a vocabulary to tie: vocab_size is 0", "set model.vocab_size");
+  const int64_t deepest = std::max(m.n_layers, m.n_encoder_layers);
+  if (m.first_dense_layers >= deepest && set("first_dense_layers"))
+    check.error("model.first_dense_layers",
+                fmt::format("{} dense layers leave no MoE layer in a stack of {}", m.first_dense_layers, deepest),
+                "the model would have no MoE layer");
+  bool any_dense = false;
+  for (int64_t i = 0; i < deepest && !any_dense; ++i) any_dense = !m.is_moe_layer(i);
+  if (any_dense && m.d_ff == 0)
+    check.error(set("first_dense_layers") ? "model.first_dense_layers" : "model.moe_every",
+                "some layers have a dense FFN, but model.d_ff is 0", "set model.d_ff, the dense FFN width");
+  if (m.mtp_modules > 0 && (encoder_decoder || m.vocab_size == 0))
+    check.error("model.mtp_modules", "multi-token prediction needs a decoder-only model with a vocabulary");
+}
+
 }  // namespace
 
 RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
@@ -459,6 +639,17 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     const ParamSet values = check.params(*model, "model", schema_of(sections, "model"), {});
     if (values.has("d_model")) config.model.d_model = values.get_int("d_model");
     if (values.has("dtype")) config.model.dtype = values.get_string("dtype") == "f64" ? DType::f64 : DType::f32;
+    read_model(check, recipe, values, config.model);
+  }
+  if (toml::table* reference = check.section(root, "", "reference")) {
+    const ParamSet values = check.params(*reference, "reference", schema_of(sections, "reference"), {});
+    ReferenceConfig& r = config.reference;
+    if (values.has("published_total_params")) r.published_total_params = values.get_int("published_total_params");
+    if (values.has("published_active_params")) r.published_active_params = values.get_int("published_active_params");
+    if (values.has("published_precision")) r.published_precision = values.get_int("published_precision");
+    if (values.has("source")) r.source = values.get_string("source");
+    if (values.has("counts")) r.counts = values.get_string("counts");
+    if (values.has("known_deviation")) r.known_deviation = values.get_string("known_deviation");
   }
 
   // --- [moe] -------------------------------------------------------------------------------------

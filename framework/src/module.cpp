@@ -33,11 +33,17 @@ void fill_normal(Tensor& host, double std, Rng& rng) {
 
 Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng,
                          double std, bool weight_decay) {
-  Tensor host = host_tensor(dtype, shape);
-  if (std != 0.0) fill_normal(host, std, rng);
   Parameter p;
   p.name = std::move(name);
-  p.value = ops.to_device(host);
+  if (ops.device() == DeviceKind::meta) {
+    // No storage to initialise: the shape is all a meta model is for (and a host buffer of a
+    // 671B-parameter model's weights is exactly what it avoids).
+    p.value = ops.empty(dtype, shape);
+  } else {
+    Tensor host = host_tensor(dtype, shape);
+    if (std != 0.0) fill_normal(host, std, rng);
+    p.value = ops.to_device(host);
+  }
   p.grad = ops.zeros(dtype, shape);
   p.weight_decay = weight_decay;
   return p;

@@ -112,6 +112,34 @@ std::vector<int32_t> host_ints(Ops& ops, const Tensor& t) {
   return std::vector<int32_t>(p, p + h.numel());
 }
 
+// mean_prob[e] += probs[t, e] / T over probs_host [T, E]; returns the mean entropy of the rows.
+// Reads f32/f64 through a typed pointer: this visits every router probability of the step, and
+// host_value's per-element call and dtype switch cost milliseconds at T*E = 262k.
+template <class Read>
+double prob_stats(int64_t tokens, int64_t experts, std::vector<double>& mean_prob, const Read& read) {
+  double entropy = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < experts; ++e) {
+      const double p = read(t * experts + e);
+      mean_prob[static_cast<size_t>(e)] += p / static_cast<double>(tokens);
+      if (p > 0) entropy -= p * std::log(p);
+    }
+  return tokens > 0 ? entropy / static_cast<double>(tokens) : 0.0;
+}
+
+double accumulate_prob_stats(const Tensor& probs_host, int64_t tokens, int64_t experts,
+                             std::vector<double>& mean_prob) {
+  if (probs_host.dtype() == DType::f32) {
+    const float* p = probs_host.data<float>();
+    return prob_stats(tokens, experts, mean_prob, [p](int64_t i) { return static_cast<double>(p[i]); });
+  }
+  if (probs_host.dtype() == DType::f64) {
+    const double* p = probs_host.data<double>();
+    return prob_stats(tokens, experts, mean_prob, [p](int64_t i) { return p[i]; });
+  }
+  return prob_stats(tokens, experts, mean_prob, [&probs_host](int64_t i) { return host_value(probs_host, i); });
+}
+
 Tensor upload_ints(Ops& ops, const std::vector<int32_t>& values) {
   Tensor h = host_tensor(DType::i32, {static_cast<int64_t>(values.size())});
   std::copy(values.begin(), values.end(), h.data<int32_t>());
@@ -252,14 +280,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   stats_.drop_fraction = stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
   stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
   stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
-  double entropy = 0;
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t e = 0; e < experts; ++e) {
-      const double p = host_value(probs_host, t * experts + e);
-      stats_.mean_prob[static_cast<size_t>(e)] += p / static_cast<double>(tokens);
-      if (p > 0) entropy -= p * std::log(p);
-    }
-  stats_.router_entropy = tokens > 0 ? entropy / static_cast<double>(tokens) : 0.0;
+  stats_.router_entropy = accumulate_prob_stats(probs_host, tokens, experts, stats_.mean_prob);
   int64_t max_load = 0;
   for (int64_t e = 0; e < experts; ++e) {
     if (stats_.assignments > 0)

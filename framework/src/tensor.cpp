@@ -31,7 +31,14 @@ const char* dtype_name(DType dtype) {
   return "?";
 }
 
-const char* device_name(DeviceKind device) { return device == DeviceKind::cpu ? "cpu" : "cuda"; }
+const char* device_name(DeviceKind device) {
+  switch (device) {
+    case DeviceKind::cpu: return "cpu";
+    case DeviceKind::cuda: return "cuda";
+    case DeviceKind::meta: return "meta";
+  }
+  return "?";
+}
 
 std::string shape_str(const Shape& shape) {
   std::string out = "[";

@@ -160,3 +160,12 @@ TEST_CASE("every command answers --help, and usage mistakes exit 2") {
   CHECK(run_moelab("run a.toml --no-such-flag").status == 2);
   CHECK(run_moelab("version").output.find("plugin ABI 1.0") != std::string::npos);
 }
+
+TEST_CASE("run refuses a recipe describing a whole transformer instead of training something else") {
+  const fs::path recipe = fs::path(MOELAB_SOURCE_DIR) / "recipes/published/small/mixtral_8x7b.toml";
+  REQUIRE(fs::exists(recipe));
+  const CommandResult r = run_moelab("run " + quoted(recipe) + " --out " + quoted(fs::temp_directory_path() / "never"));
+  CHECK(r.status == 2);
+  CHECK(r.output.find("describes a transformer") != std::string::npos);
+  CHECK(run_moelab("inspect " + quoted(recipe)).status == 0);
+}

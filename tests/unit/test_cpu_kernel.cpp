@@ -1163,6 +1163,151 @@ TEST_CASE("shape and dtype mismatches throw RuntimeError naming the op and the s
   }
 }
 
+// --- the fast f32 paths: vectorised exp/sigmoid, loops split over threads ----------------------
+
+// f32 inputs for the vectorised sigmoid: O(1) to O(100) values both ways, the subnormal range of
+// exp (x < -87.3), and the extremes. Large enough (> 2^18 elements) that the kernel's loops run on
+// two threads where two cores exist.
+Tensor wide_f32_inputs(Rng& rng, int64_t rows, int64_t cols) {
+  std::vector<double> values(static_cast<size_t>(rows * cols));
+  const double specials[] = {0.0,     -0.0,   1e-30,  -1e-30, 17.0,   -17.0,  87.0,   -87.0,  -87.5,  -100.0,
+                             -103.5,  -104.0, -110.0, 110.0,  1e4,    -1e4,   1e30,   -1e30,  INFINITY, -INFINITY};
+  for (size_t i = 0; i < values.size(); ++i) {
+    const double pick = rng.uniform();
+    if (i < std::size(specials)) values[i] = specials[i];
+    else if (pick < 0.5) values[i] = rng.uniform(-8.0, 8.0);
+    else if (pick < 0.9) values[i] = rng.uniform(-110.0, 110.0);
+    else values[i] = (rng.uniform() < 0.5 ? -1 : 1) * std::exp(rng.uniform(-20.0, 12.0));
+  }
+  return tensor_of(DType::f32, {rows, cols}, values);
+}
+
+// sigmoid in double without overflow, the reference for the f32 kernels.
+double sigmoid_exact(double x) {
+  return x >= 0 ? 1 / (1 + std::exp(-x)) : std::exp(x) / (1 + std::exp(x));
+}
+
+// The f32 sigmoid (sigmoid op, silu, gelu_tanh) uses a polynomial exp rather than libm's. Its
+// stated accuracy: relative error at most 4e-7 (under 7 units of 2^-24; 1.8e-7 measured over 2e7
+// samples) where the result is a normal float, and 2^-149 absolute where it is subnormal.
+constexpr double kFastSigmoidRelative = 4e-7;
+constexpr double kSubnormalUlp = 1.4012984643e-45;
+
+TEST_CASE("f32 sigmoid and silu stay within the stated tolerance of double, large |x| included") {
+  Ops& ops = cpu_kernel();
+  Rng rng(2001);
+  const Tensor x = wide_f32_inputs(rng, 64, 5000);
+  const std::vector<double> vx = values_of(x);
+  Tensor s = garbage<float>(x.shape()), silu = garbage<float>(x.shape());
+  ops.sigmoid(x, s);
+  ops.activation(Activation::silu, x, silu);
+  const std::vector<double> vs = values_of(s), vsilu = values_of(silu);
+  double worst_sigmoid = 0, worst_silu = 0;
+  for (size_t i = 0; i < vx.size(); ++i) {
+    const double ref = sigmoid_exact(vx[i]);
+    worst_sigmoid = std::max(worst_sigmoid, std::abs(vs[i] - ref) / (kFastSigmoidRelative * ref + kSubnormalUlp));
+    if (std::isinf(vx[i])) continue;  // silu(-inf) = -inf * 0 is NaN, as in libm's formula
+    const double silu_ref_value = vx[i] * ref;
+    // one more rounding (the product) and x times sigmoid's subnormal error
+    worst_silu = std::max(worst_silu, std::abs(vsilu[i] - silu_ref_value) /
+                                          ((kFastSigmoidRelative + 6e-8) * std::abs(silu_ref_value) +
+                                           std::abs(vx[i]) * kSubnormalUlp + kSubnormalUlp));
+  }
+  CHECK(worst_sigmoid <= 1.0);
+  CHECK(worst_silu <= 1.0);
+  CHECK(vs[static_cast<size_t>(std::find(vx.begin(), vx.end(), INFINITY) - vx.begin())] == 1.0);
+  CHECK(vs[static_cast<size_t>(std::find(vx.begin(), vx.end(), -INFINITY) - vx.begin())] == 0.0);
+
+  // NaN propagates
+  const Tensor nan = tensor_of(DType::f32, {2}, {std::nan(""), 1.0});
+  Tensor nan_out = garbage<float>({2});
+  ops.sigmoid(nan, nan_out);
+  CHECK(std::isnan(nan_out.data<float>()[0]));
+  CHECK(nan_out.data<float>()[1] == doctest::Approx(sigmoid_exact(1.0)).epsilon(1e-6));
+}
+
+TEST_CASE("f32 SwiGLU forward and backward on a large block match double formulas") {
+  Ops& ops = cpu_kernel();
+  Rng rng(2002);
+  const int64_t rows = 96, width = 1536;  // 147k hidden units: the loops run split over threads
+  std::vector<double> gu_values(static_cast<size_t>(rows * 2 * width));
+  for (double& v : gu_values) v = rng.uniform() < 0.95 ? rng.uniform(-6.0, 6.0) : rng.uniform(-120.0, 120.0);
+  const Tensor gate_up = tensor_of(DType::f32, {rows, 2 * width}, gu_values);
+  const Tensor dh = uniform<float>({rows, width}, rng);
+  Tensor h = garbage<float>({rows, width});
+  Tensor dgate_up = garbage<float>({rows, 2 * width});
+  ops.glu(Activation::silu, gate_up, h);
+  ops.glu_backward(Activation::silu, gate_up, dh, dgate_up);
+  const std::vector<double> vh = values_of(h), vd = values_of(dgate_up), vdh = values_of(dh);
+  gu_values = values_of(gate_up);  // the inputs as rounded to f32
+  constexpr double u = kUnitRoundoff<float>;
+  double worst_h = 0, worst_dgate = 0, worst_dup = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) {
+      const double gate = gu_values[r * 2 * width + j], up = gu_values[r * 2 * width + width + j];
+      const double g = vdh[r * width + j], sig = sigmoid_exact(gate);
+      const double silu = gate * sig, derivative = sig * (1 + gate * (1 - sig));
+      // Bounds: sigmoid's stated error plus a few roundings, relative to the magnitude of the
+      // terms; the derivative's 1 - s loses s's absolute error times |x| (as libm's would).
+      // Where sigmoid is subnormal its absolute error (2^-149) is scaled by the factors after it.
+      const double subnormal = (1 + std::abs(gate)) * kSubnormalUlp;
+      const double h_bound = (kFastSigmoidRelative + 4 * u) * std::abs(silu * up) + subnormal * (1 + std::abs(up));
+      const double d_bound = (kFastSigmoidRelative + 8 * u) * sig * (1 + std::abs(gate)) * std::abs(up * g) +
+                             subnormal * (1 + std::abs(up * g));
+      const double dup_bound = (kFastSigmoidRelative + 4 * u) * std::abs(silu * g) + subnormal * (1 + std::abs(g));
+      worst_h = std::max(worst_h, std::abs(vh[r * width + j] - silu * up) / h_bound);
+      worst_dgate = std::max(worst_dgate, std::abs(vd[r * 2 * width + j] - derivative * up * g) / d_bound);
+      worst_dup = std::max(worst_dup, std::abs(vd[r * 2 * width + width + j] - silu * g) / dup_bound);
+    }
+  CHECK(worst_h <= 1.0);
+  CHECK(worst_dgate <= 1.0);
+  CHECK(worst_dup <= 1.0);
+}
+
+TEST_CASE_TEMPLATE("loops split over threads give bit-identical results to one thread", T, float, double) {
+  // Kernels with 1 and 3 loop threads (and as many OpenBLAS threads, process-wide) on inputs large
+  // enough to be split, scatter_add_rows with many rows landing on the same destination.
+  const std::shared_ptr<Ops> serial = load_kernel("cpu", {{"threads", int64_t{1}}});
+  const std::shared_ptr<Ops> split = load_kernel("cpu", {{"threads", int64_t{3}}});
+  Rng rng(2003);
+  const int64_t rows = 700, width = 600;
+  const Tensor gate_up = uniform<T>({rows, 2 * width}, rng, -5, 5);
+  const Tensor dh = uniform<T>({rows, width}, rng);
+  const Tensor x = uniform<T>({rows, width}, rng, -5, 5);
+  std::vector<int32_t> destinations(static_cast<size_t>(rows));
+  for (int32_t& d : destinations) d = static_cast<int32_t>(rng.uniform() * 97) % 97;
+  const Tensor index = indices_of(destinations);
+  const Tensor weight = uniform<T>({rows}, rng);
+  const auto run = [&](Ops& ops) {
+    std::vector<std::vector<double>> out;
+    Tensor h = garbage<T>({rows, width}), d = garbage<T>({rows, 2 * width}), y = garbage<T>({rows, width});
+    ops.glu(Activation::silu, gate_up, h);
+    ops.glu_backward(Activation::gelu_tanh, gate_up, dh, d);
+    ops.activation(Activation::silu, x, y);
+    Tensor dx = uniform<T>({rows, width}, rng);
+    ops.activation_backward(Activation::silu, x, dh, true, dx);
+    Tensor scattered = ops.zeros(kDType<T>, {97, width});
+    ops.scatter_add_rows(x, index, &weight, scattered);
+    Tensor gathered = garbage<T>({rows, width});
+    ops.gather_rows(scattered, index, gathered);
+    ops.scale_rows(weight, gathered);
+    Tensor dots = garbage<T>({rows});
+    ops.row_dot(x, dh, dots);
+    for (const Tensor* t : {&h, &d, &y, &scattered, &gathered, &dots}) out.push_back(values_of(*t));
+    out.push_back(values_of(dx));
+    return out;
+  };
+  const Rng start = rng;
+  const auto one = run(*serial);
+  rng = start;  // the same accumulate-into values for activation_backward
+  const auto many = run(*split);
+  REQUIRE(one.size() == many.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    CAPTURE(i);
+    CHECK(one[i] == many[i]);
+  }
+}
+
 // Last, because OpenBLAS's thread count is process-wide.
 TEST_CASE("the threads parameter sets OpenBLAS's thread count and results do not depend on it") {
   Rng rng(1001);

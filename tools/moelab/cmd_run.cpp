@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "cli_util.hpp"
+#include "moelab/config.hpp"
 #include "moelab/experiment.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
@@ -27,6 +28,29 @@ struct PlannedRun {
   fs::path dir;
   std::string label;
 };
+
+// `moelab run` trains what experiment.cpp implements: one MoE layer on the built-in regression
+// task. A recipe that describes a whole transformer (the published models, their companions)
+// validates and inspects, but running it would silently train something else: refuse, and say why.
+void refuse_untrainable(const RunConfig& config, const Recipe& recipe) {
+  const ModelConfig& m = config.model;
+  std::vector<std::string> parts;
+  if (m.vocab_size > 0) parts.push_back(fmt::format("model.vocab_size = {}", m.vocab_size));
+  if (m.n_layers != 1) parts.push_back(fmt::format("model.n_layers = {}", m.n_layers));
+  if (m.n_encoder_layers > 0) parts.push_back(fmt::format("model.n_encoder_layers = {}", m.n_encoder_layers));
+  if (m.attention != AttentionKind::none) parts.push_back("attention");
+  if (m.d_ff > 0) parts.push_back(fmt::format("a dense FFN (model.d_ff = {})", m.d_ff));
+  if (m.norm != NormKind::none) parts.push_back("norms");
+  if (m.mtp_modules > 0) parts.push_back("multi-token prediction");
+  if (parts.empty()) return;
+  Diagnostics diagnostics;
+  diagnostics.add(recipe.where("model"), "model",
+                  fmt::format("this recipe describes a transformer ({}); `moelab run` trains one MoE layer on the "
+                              "built-in regression task until the language-model trainer lands",
+                              fmt::join(parts, ", ")),
+                  "`moelab inspect` and `moelab check` work on it; to run the MoE layer alone, remove those keys");
+  diagnostics.throw_if_any();
+}
 
 }  // namespace
 
@@ -55,6 +79,7 @@ int cmd_run(const Args& args) {
       PluginRegistry registry = PluginRegistry::with_default_path();
       PlannedRun run;
       run.config = build_config(*point.recipe, registry);
+      refuse_untrainable(run.config, *point.recipe);
       run.resolved = point.recipe->to_toml();
       const fs::path parent = parsed.option("--out") ? fs::path(*parsed.option("--out")) : run.config.output_dir;
       run.dir = parent / run.config.name;

@@ -38,9 +38,58 @@ struct MoeConfig {
   std::vector<PluginChoice> balancers;
 };
 
+enum class Architecture { decoder, encoder_decoder };
+enum class AttentionKind { none, mha, gqa, mla };
+enum class NormKind { none, rmsnorm, layernorm };
+enum class QkNorm { none, head, full };
+const char* architecture_name(Architecture architecture);
+const char* attention_name(AttentionKind attention);
+const char* norm_name(NormKind norm);
+
+// The transformer the MoE layers sit in. The defaults describe what `moelab run` trains today:
+// one MoE layer and nothing around it (no embeddings, attention or norms), so recipes that only
+// state an MoE layer keep their meaning. framework/src/model_shape.cpp counts it.
 struct ModelConfig {
   int64_t d_model = 64;
   DType dtype = DType::f32;
+  Architecture architecture = Architecture::decoder;
+  int64_t vocab_size = 0;        // 0: no token embedding or LM head
+  int64_t n_layers = 1;          // decoder layers (the only stack of a decoder-only model)
+  int64_t n_encoder_layers = 0;  // encoder layers; encoder_decoder only
+  AttentionKind attention = AttentionKind::none;
+  int64_t n_heads = 1;
+  int64_t n_kv_heads = 1;  // resolved: n_heads unless the recipe sets it (GQA)
+  int64_t head_dim = 64;   // resolved: d_model / n_heads unless the recipe sets it
+  bool attention_bias = false;  // biases on q, k, v and the output projection
+  bool qkv_bias = false;        // biases on q, k, v only (Qwen1.5/Qwen2)
+  QkNorm qk_norm = QkNorm::none;
+  // Multi-head latent attention (DeepSeek-V2, sec. 2.1): q_lora_rank 0 projects q directly.
+  int64_t q_lora_rank = 0, kv_lora_rank = 512, qk_nope_head_dim = 128, qk_rope_head_dim = 64, v_head_dim = 128;
+  int64_t relative_attention_buckets = 0;  // T5's relative position bias, [buckets, n_heads] per stack
+  int64_t d_ff = 0;                        // dense FFN width; 0: no dense FFN layer
+  bool dense_ffn_glu = true;               // dense_ffn = "glu" (gate, up, down) or "full" (in, out)
+  std::string dense_activation = "silu";
+  int64_t first_dense_layers = 0;  // k: the first k layers of each stack have a dense FFN
+  int64_t moe_every = 1;           // n: after those, every n-th layer's FFN is MoE, the others dense
+  NormKind norm = NormKind::none;
+  bool norm_bias = false;  // layernorm with a bias (2d per norm instead of d)
+  bool tied_embeddings = false;
+  int64_t mtp_modules = 0;  // DeepSeek-V3 multi-token prediction modules, counted apart
+
+  // Whether layer `index` (0-based, within its stack) has an MoE FFN.
+  bool is_moe_layer(int64_t index) const {
+    return index >= first_dense_layers && (index - first_dense_layers + 1) % moe_every == 0;
+  }
+};
+
+// [reference]: published figures a recipe reproduces (0: not published), checked by the tests.
+struct ReferenceConfig {
+  int64_t published_total_params = 0;
+  int64_t published_active_params = 0;
+  int64_t published_precision = 0;  // the unit the figures are rounded to ("26B": 1e9); 0: as written
+  std::string source;  // where the architecture and the figures were published
+  std::string counts;  // what the published figures include or leave out
+  std::string known_deviation;  // why inspect misses a figure by more than the tolerance (tested to be real)
 };
 
 struct TrainConfig {
@@ -73,6 +122,7 @@ struct RunConfig {
   std::vector<std::filesystem::path> plugin_paths;  // [plugins] paths, absolute
   ModelConfig model;
   MoeConfig moe;
+  ReferenceConfig reference;
   TrainConfig train;
   TaskConfig task;
   std::filesystem::path output_dir = "runs";  // [output] dir, relative to the working directory

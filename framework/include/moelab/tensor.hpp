@@ -14,7 +14,8 @@
 namespace moelab {
 
 enum class DType : uint8_t { f32, f64, bf16, i32, i64, u8 };
-enum class DeviceKind : uint8_t { cpu, cuda };
+// meta: shape and dtype only, no storage (meta_ops.hpp), for counting models without allocating.
+enum class DeviceKind : uint8_t { cpu, cuda, meta };
 
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);    // "f32", "f64", "bf16", "i32", "i64", "u8"
