@@ -292,10 +292,18 @@ void with_activation(Activation act, F&& f) {
 // -march flags). The builds differ only in vector width: ISO C++ mode does not contract a * b + c
 // into FMA, so every level gives bit-identical results. f64 loops (gradient checks) run the plain
 // baseline build.
+// GCC on x86-64 only: Clang spells some of these target options differently, and other
+// architectures have no such levels; they run the baseline build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOELAB_CPU_MULTIVERSION 1
+#else
+#define MOELAB_CPU_MULTIVERSION 0
+#endif
+
 enum class SimdLevel { baseline, avx2, avx512 };
 
 SimdLevel simd_level() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if MOELAB_CPU_MULTIVERSION
   static const SimdLevel level = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) return SimdLevel::avx512;
@@ -308,7 +316,7 @@ SimdLevel simd_level() {
 #endif
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if MOELAB_CPU_MULTIVERSION
 template <class Loop, class... Args>
 [[gnu::target("arch=x86-64-v4,prefer-vector-width=512")]] void run_avx512(Args... args) {
   Loop::run(args...);
@@ -322,7 +330,7 @@ template <class Loop, class... Args>
 // Loop::run(args...) in the widest build the CPU runs (f32), or the baseline one (f64).
 template <class T, class Loop, class... Args>
 void run_vectorised(Args... args) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if MOELAB_CPU_MULTIVERSION
   if constexpr (std::is_same_v<T, float>) {
     switch (simd_level()) {
       case SimdLevel::avx512:
