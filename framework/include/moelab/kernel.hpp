@@ -147,6 +147,46 @@ class Ops {
   // groups are never selected. groups = keep_groups = 1 is topk_rows.
   virtual void grouped_topk_rows(const Tensor& scores, int k, const Tensor* bias, int groups, int keep_groups,
                                  int group_top, Tensor& values, Tensor& indices);
+
+  // --- transformer ops (optional slots; the language-model trainer's building blocks) -------
+  // dst[:, dst_col + j] (+)= src[:, src_col + j] for j < width; src [R, Cs], dst [R, Cd]. Splits
+  // and concatenations along columns (fused projections, MLA's nope/rope halves) and their backward.
+  virtual void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t width,
+                            bool accumulate);
+  // RMSNorm (Zhang & Sennrich 2019) over rows of x [R, C]: rstd[r] = 1 / sqrt(mean_c x[r,c]^2 + eps),
+  // y = x * rstd * weight (weight [C]); rstd [R] is saved for the backward, which overwrites dx
+  // and accumulates dweight.
+  virtual void rms_norm(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd);
+  virtual void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy,
+                                 Tensor& dx, Tensor& dweight);
+  // LayerNorm (Ba et al. 2016): y = (x - mean) * rstd * weight + bias (bias may be null); mean and
+  // rstd [R] are saved. Backward overwrites dx and accumulates dweight and dbias (when given).
+  virtual void layer_norm(const Tensor& x, const Tensor& weight, const Tensor* bias, double eps, Tensor& y,
+                          Tensor& mean, Tensor& rstd);
+  virtual void layer_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean, const Tensor& rstd,
+                                   const Tensor& dy, Tensor& dx, Tensor& dweight, Tensor* dbias);
+  // Rotary position embedding (Su et al. 2021) in the rotate-half layout HF Llama/Mixtral/Qwen
+  // use: x [R, H*D] holds H heads of width D (D even); row r is position r % seq_len; for
+  // i < D/2, angle = pos * theta^(-2i/D), (a, b) = (x[i], x[i + D/2]) becomes
+  // (a cos - b sin, a sin + b cos). inverse = true rotates by -angle: the backward. y may alias x.
+  virtual void rope(const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse, Tensor& y);
+  // Causal scaled-dot-product attention over independent sequences of seq_len consecutive rows,
+  // grouped-query: q [R, H*Dk], k [R, Hkv*Dk], v [R, Hkv*Dv], H % Hkv == 0, query head h reads
+  // kv head h / (H / Hkv) (Hkv = H: multi-head, Hkv = 1: multi-query). Position i attends to
+  // positions <= i of its own sequence with softmax(scale * q.k). out [R, H*Dv]; lse [R, H] (the
+  // log-sum-exp of each softmax) is saved for the backward, which overwrites dq, dk and dv.
+  virtual void causal_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, int64_t kv_heads,
+                                int64_t seq_len, double scale, Tensor& out, Tensor& lse);
+  virtual void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                         const Tensor& lse, const Tensor& dout, int64_t heads, int64_t kv_heads,
+                                         int64_t seq_len, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+  // Cross-entropy of logits [R, V] against targets i32 [R]: loss[r] = lse[r] - logits[r, target[r]]
+  // with lse[r] = logsumexp(logits[r, :]); rows whose target is negative are ignored (loss 0).
+  // A target >= V throws. Backward overwrites dlogits = scale * (softmax(logits) - onehot(target)),
+  // zero on ignored rows.
+  virtual void cross_entropy(const Tensor& logits, const Tensor& targets, Tensor& loss, Tensor& lse);
+  virtual void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, double scale,
+                                      Tensor& dlogits);
 };
 
 }  // namespace moelab

@@ -28,7 +28,7 @@ namespace moelab {
 
 // Major: any change to the layout of PluginManifest or to a plugin interface's virtual functions.
 // Minor: additions that old plugins need not know about.
-inline constexpr uint32_t kAbiMajor = 1;
+inline constexpr uint32_t kAbiMajor = 2;  // 2: transformer ops slots in Ops
 inline constexpr uint32_t kAbiMinor = 0;
 
 enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4 };
