@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "moelab/registry.hpp"
@@ -47,6 +48,28 @@ const char* overflow_name(Overflow overflow) {
       return "dropless";
   }
   return "?";
+}
+
+const char* lr_schedule_name(LrSchedule schedule) {
+  switch (schedule) {
+    case LrSchedule::constant: return "constant";
+    case LrSchedule::cosine: return "cosine";
+    case LrSchedule::linear: return "linear";
+  }
+  return "?";
+}
+
+double TrainConfig::lr_at(int64_t step) const {
+  if (warmup_steps > 0 && step <= warmup_steps) return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
+  const double decay_steps = static_cast<double>(std::max<int64_t>(steps - warmup_steps, 1));
+  const double progress = std::clamp(static_cast<double>(step - warmup_steps) / decay_steps, 0.0, 1.0);
+  const double min_lr = lr * min_lr_ratio;
+  switch (schedule) {
+    case LrSchedule::constant: return lr;
+    case LrSchedule::linear: return lr - (lr - min_lr) * progress;
+    case LrSchedule::cosine: return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(3.141592653589793 * progress));
+  }
+  return lr;
 }
 
 std::vector<SectionSchema> core_schema() {
@@ -101,6 +124,10 @@ std::vector<SectionSchema> core_schema() {
                      "normalisation before each sub-layer and at the end of each stack"),
         param_bool("norm_bias", false, "layernorm with a bias"),
         param_bool("tied_embeddings", false, "the LM head reuses the token embedding"),
+        param_float("rope_theta", 10000.0, "RoPE base: head pair i turns at theta^(-2i/head_dim) per position; > 0"),
+        param_float("norm_eps", 1e-6, "epsilon inside every RMSNorm / LayerNorm; > 0"),
+        param_float("init_std", 0.02, "standard deviation of the normal init of projections and embeddings")
+            .at_least(0),
         param_int("mtp_modules", 0,
                   "DeepSeek-V3 multi-token prediction modules (each: two norms, a [d, 2d] projection, one "
                   "layer; embedding and head shared); counted apart from the model")
@@ -136,12 +163,39 @@ std::vector<SectionSchema> core_schema() {
       {"train",
        {param_int("steps", 200, "optimiser steps").at_least(1),
         param_int("batch_size", 8, "sequences per step").at_least(1),
-        param_int("seq_len", 64, "tokens per sequence").at_least(1), param_float("lr", 1e-3, "learning rate; > 0"),
-        param_float("weight_decay", 0.0, "decoupled weight decay").at_least(0),
+        param_int("seq_len", 64, "tokens per sequence").at_least(1),
+        param_float("lr", 1e-3, "peak learning rate; > 0"),
+        param_choice("schedule", "cosine", {"constant", "cosine", "linear"},
+                     "after warmup: constant, cosine or linear decay to lr * min_lr_ratio at the last step"),
+        param_int("warmup_steps", 0, "linear warmup from 0 to lr over these steps").at_least(0),
+        param_float("min_lr_ratio", 0.1, "final learning rate as a fraction of lr").range(0, 1),
+        param_float("beta1", 0.9, "AdamW first-moment decay").range(0, 0.999999),
+        param_float("beta2", 0.95, "AdamW second-moment decay").range(0, 0.999999),
+        param_float("eps", 1e-8, "AdamW epsilon; > 0"),
+        param_float("weight_decay", 0.0, "decoupled weight decay; never applied to biases, norms or the expert bias")
+            .at_least(0),
+        param_string_list("no_decay", {},
+                          "parameter groups exempt from weight decay besides biases and norms: names containing "
+                          "one of these (\"embed\", \"head\", \"router\", ...)"),
         param_float("grad_clip", 1.0, "global gradient norm clip; 0 disables").at_least(0),
         param_int("log_every", 10, "steps between metric lines").at_least(1),
-        param_int("eval_every", 50, "steps between evaluations; 0 disables").at_least(0),
-        param_int("eval_batches", 4, "batches per evaluation").at_least(1)}},
+        param_int("eval_every", 50, "steps between evaluations; 0: only after the last step").at_least(0),
+        param_int("eval_batches", 4, "batches per evaluation").at_least(1),
+        param_int("checkpoint_every", 0, "steps between checkpoints (moelab run --resume); 0: only at the end")
+            .at_least(0)}},
+      {"data",
+       {param_choice("kind", "markov", {"markov", "text", "tokens"},
+                     "what a model with a vocabulary reads: the built-in multi-domain Markov corpus, UTF-8 text "
+                     "files (byte tokens), or pre-tokenized uint16/uint32 token files"),
+        param_int("domains", 4, "markov: sources, each its own random Markov chain; a sequence comes from one")
+            .at_least(1),
+        param_int("order", 1, "markov: tokens of context each source conditions on").at_least(1),
+        param_int("branching", 4, "markov: successors of each context").at_least(1),
+        param_float("concentration", 1.0, "markov: Dirichlet concentration of the successor probabilities; > 0"),
+        param_string_list("paths", {}, "text / tokens: files or globs, relative to the file that sets them"),
+        param_choice("token_dtype", "u16", {"u16", "u32"}, "tokens: little-endian token width, no header"),
+        param_float("eval_fraction", 0.1, "text / tokens: share of the tokens held out for evaluation")
+            .range(0.0001, 0.9)}},
       {"task",
        {param_choice("kind", "regression", {"regression"}, "the synthetic task"),
         param_int("clusters", 8, "clusters of the token mixture, each with its own teacher").at_least(1),
@@ -511,6 +565,11 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
   m.norm_bias = values.get_bool("norm_bias");
   m.tied_embeddings = values.get_bool("tied_embeddings");
   m.mtp_modules = values.get_int("mtp_modules");
+  m.rope_theta = values.get_float("rope_theta");
+  m.norm_eps = values.get_float("norm_eps");
+  m.init_std = values.get_float("init_std");
+  if (m.rope_theta <= 0) check.error("model.rope_theta", fmt::format("must be > 0, got {}", m.rope_theta));
+  if (m.norm_eps <= 0) check.error("model.norm_eps", fmt::format("must be > 0, got {}", m.norm_eps));
 
   const bool encoder_decoder = m.architecture == Architecture::encoder_decoder;
   if (encoder_decoder && m.n_encoder_layers < 1)
@@ -732,6 +791,20 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     if (values.has("batch_size")) t.batch_size = values.get_int("batch_size");
     if (values.has("seq_len")) t.seq_len = values.get_int("seq_len");
     if (values.has("lr")) t.lr = values.get_float("lr");
+    if (values.has("schedule")) {
+      const std::string& schedule = values.get_string("schedule");
+      t.schedule = schedule == "constant" ? LrSchedule::constant
+                   : schedule == "linear" ? LrSchedule::linear
+                                          : LrSchedule::cosine;
+    }
+    if (values.has("warmup_steps")) t.warmup_steps = values.get_int("warmup_steps");
+    if (values.has("min_lr_ratio")) t.min_lr_ratio = values.get_float("min_lr_ratio");
+    if (values.has("beta1")) t.beta1 = values.get_float("beta1");
+    if (values.has("beta2")) t.beta2 = values.get_float("beta2");
+    if (values.has("eps")) t.eps = values.get_float("eps");
+    check.require_positive(values, "train", "eps");
+    if (values.has("checkpoint_every")) t.checkpoint_every = values.get_int("checkpoint_every");
+    if (values.has("no_decay")) t.no_decay = values.get_string_list("no_decay");
     if (values.has("weight_decay")) t.weight_decay = values.get_float("weight_decay");
     if (values.has("grad_clip")) t.grad_clip = values.get_float("grad_clip");
     if (values.has("log_every")) t.log_every = values.get_int("log_every");
@@ -743,6 +816,36 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     if (values.has("kind")) config.task.kind = values.get_string("kind");
     if (values.has("clusters")) config.task.clusters = values.get_int("clusters");
     if (values.has("noise")) config.task.noise = values.get_float("noise");
+  }
+  if (toml::table* data = check.section(root, "", "data")) {
+    const ParamSet values = check.params(*data, "data", schema_of(sections, "data"), {});
+    DataConfig& d = config.data;
+    if (values.has("kind")) d.kind = values.get_string("kind");
+    if (values.has("domains")) d.domains = values.get_int("domains");
+    if (values.has("order")) d.order = values.get_int("order");
+    if (values.has("branching")) d.branching = values.get_int("branching");
+    if (values.has("concentration")) d.concentration = values.get_float("concentration");
+    check.require_positive(values, "data", "concentration");
+    if (values.has("token_dtype")) d.token_dtype = values.get_string("token_dtype");
+    if (values.has("eval_fraction")) d.eval_fraction = values.get_float("eval_fraction");
+    if (values.has("paths")) {
+      // Relative to the file that set them, like [plugins] paths; globs are expanded by the reader.
+      const std::vector<std::string>& paths = values.get_string_list("paths");
+      toml::array absolute_paths;
+      for (size_t i = 0; i < paths.size(); ++i) {
+        SourceLocation set_in = recipe.where(Recipe::index_path("data.paths", i));
+        if (!set_in.known()) set_in = recipe.where("data.paths");
+        fs::path base = fs::current_path();
+        if (set_in.known() && set_in.file.front() != '<') base = fs::absolute(fs::path(set_in.file)).parent_path();
+        const fs::path path = (base / paths[i]).lexically_normal();
+        d.paths.push_back(path);
+        absolute_paths.push_back(path.string());
+      }
+      data->insert_or_assign("paths", std::move(absolute_paths));
+    }
+    if (d.kind != "markov" && d.paths.empty())
+      check.error("data.paths", fmt::format("data.kind = \"{}\" reads files, and no paths are set", d.kind),
+                  "set data.paths = [\"corpus/*.txt\"] (files or globs, relative to the recipe)");
   }
   if (toml::table* output = check.section(root, "", "output")) {
     const ParamSet values = check.params(*output, "output", schema_of(sections, "output"), {});

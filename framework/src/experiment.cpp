@@ -11,6 +11,7 @@
 #include "moelab/moe_layer.hpp"
 #include "moelab/optimizer.hpp"
 #include "moelab/registry.hpp"
+#include "run_files.hpp"
 
 namespace moelab {
 namespace {
@@ -68,6 +69,8 @@ class RegressionTask {
 
 json::array to_json(const std::vector<int64_t>& v) { return json::array(v.begin(), v.end()); }
 
+}  // namespace
+
 json::object layer_json(const LayerStats& s, const std::vector<int64_t>& dead) {
   json::object o;
   o["tokens_per_expert"] = to_json(s.tokens_per_expert);
@@ -88,6 +91,8 @@ json::object layer_json(const LayerStats& s, const std::vector<int64_t>& dead) {
   return o;
 }
 
+namespace {
+
 struct Evaluation {
   double loss = 0, drop_fraction = 0, max_violation = 0;
   LayerStats last;
@@ -107,6 +112,8 @@ double mse(Ops& ops, const Tensor& y_hat, const Tensor& y, Tensor* grad) {
   return loss;
 }
 
+}  // namespace
+
 std::string bar(double fraction, int width) {
   const int filled = static_cast<int>(std::lround(std::clamp(fraction, 0.0, 1.0) * width));
   return std::string(static_cast<size_t>(filled), '#') + std::string(static_cast<size_t>(width - filled), '.');
@@ -118,16 +125,20 @@ void write_text(const std::filesystem::path& file, const std::string& text) {
   if (!out) throw RuntimeError(fmt::format("cannot write {}", file.string()));
 }
 
-}  // namespace
-
 RunResult run_experiment(const RunConfig& config, const std::string& resolved_recipe, const PluginRegistry& registry,
                          const std::filesystem::path& run_dir,
-                         const std::function<void(const ProgressUpdate&)>& progress) {
+                         const std::function<void(const ProgressUpdate&)>& progress, const RunOptions& options) {
+  if (config.model.vocab_size > 0)
+    return train_language_model(config, resolved_recipe, registry, run_dir, progress, options);
+  if (options.resume || options.stop_at > 0)
+    throw UsageError("--resume and --stop-at need a language-model run (model.vocab_size > 0); the layer-only "
+                     "regression task trains in seconds and keeps no checkpoint");
   write_text(run_dir / "recipe.toml", resolved_recipe);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
   Rng root(config.seed);
   MoeLayer layer(config.moe, config.layer, registry, *ops, root);
-  AdamWOptimizer optimizer(*ops, layer.parameters(), AdamWOptions{0.9, 0.999, 1e-8, config.train.weight_decay});
+  AdamWOptimizer optimizer(*ops, layer.parameters(),
+                           AdamWOptions{config.train.beta1, config.train.beta2, config.train.eps, config.train.weight_decay});
   const RegressionTask task(config.task, config.layer.d_model, config.seed);
   const int64_t tokens = config.train.batch_size * config.train.seq_len, d = config.layer.d_model;
   const DType dtype = config.layer.dtype;
@@ -166,7 +177,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
     const double loss = mse(*ops, y_hat, ops->to_device(y), &grad);
     layer.backward(grad);
     const double grad_norm = optimizer.clip_grad_norm(config.train.grad_clip);
-    optimizer.step(config.train.lr);
+    optimizer.step(config.train.lr_at(step));
     layer.after_step();
     recent_loss.push_back(loss);
     result.train_drop_fraction += layer.stats().drop_fraction / static_cast<double>(config.train.steps);
@@ -179,7 +190,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
       m["step"] = step;
       m["loss"] = loss;
       m["aux_loss"] = layer.stats().aux_loss;
-      m["lr"] = config.train.lr;
+      m["lr"] = config.train.lr_at(step);
       m["grad_norm"] = grad_norm;
       m["tokens_per_second"] = tokens_per_second;
       m["layers"] = json::array{layer_json(layer.stats(), layer.dead_experts().dead())};

@@ -22,6 +22,13 @@ void DeadExpertTracker::record(const std::vector<int64_t>& tokens_per_expert, in
     if (tokens_per_expert[e] > 0) last_seen_[e] = tokens_seen_;
 }
 
+void DeadExpertTracker::restore(std::vector<int64_t> last_seen, int64_t tokens_seen) {
+  MOELAB_CHECK(last_seen.size() == last_seen_.size(), "dead-expert state of {} experts for a layer of {}",
+               last_seen.size(), last_seen_.size());
+  last_seen_ = std::move(last_seen);
+  tokens_seen_ = tokens_seen;
+}
+
 std::vector<int64_t> DeadExpertTracker::dead() const {
   std::vector<int64_t> out;
   if (tokens_seen_ < window_) return out;

@@ -1,5 +1,6 @@
 // `moelab run`, `inspect`, `layer` and `version` as a user runs them: a run folder with every file,
-// exact repetition from the saved recipe, sweeps, and failures that leave nothing behind.
+// exact repetition from the saved recipe, sweeps, failures that leave nothing behind, and a
+// language-model run that stops and resumes to exactly the metrics of an uninterrupted one.
 #include <doctest/doctest.h>
 
 #include <filesystem>
@@ -30,13 +31,37 @@ std::string slurp(const fs::path& file) {
   return s.str();
 }
 
-// A tiny recipe extending the default one: a run takes well under a second.
+// A tiny recipe extending the layer-only example: a run takes well under a second.
 fs::path tiny_recipe(const fs::path& dir, const std::string& extra = "") {
   const fs::path recipe = dir / "tiny.toml";
-  std::ofstream(recipe) << "name = \"tiny\"\nextends = \"" << (fs::path(MOELAB_SOURCE_DIR) / "recipes/default.toml").string()
+  std::ofstream(recipe) << "name = \"tiny\"\nextends = \""
+                        << (fs::path(MOELAB_SOURCE_DIR) / "recipes/examples/layer_regression.toml").string()
                         << "\"\n[train]\nsteps = 20\nlog_every = 5\neval_every = 10\neval_batches = 1\n"
                         << extra;
   return recipe;
+}
+
+// The default recipe (the MoE transformer on the Markov corpus), shrunk to a second of training.
+fs::path tiny_lm_recipe(const fs::path& dir, const std::string& extra = "") {
+  const fs::path recipe = dir / "lm.toml";
+  std::ofstream(recipe) << "name = \"lm\"\nextends = \"" << (fs::path(MOELAB_SOURCE_DIR) / "recipes/default.toml").string()
+                        << "\"\n[model]\nd_model = 16\nvocab_size = 16\n[moe.experts]\nd_ff = 16\n"
+                        << "[train]\nsteps = 24\nbatch_size = 4\nseq_len = 16\nwarmup_steps = 4\nlog_every = 4\n"
+                        << "eval_every = 8\neval_batches = 2\ncheckpoint_every = 8\n"
+                        << extra;
+  return recipe;
+}
+
+// metrics.jsonl without the wall-clock figure, which is the one thing allowed to differ.
+std::string metrics_without_speed(const fs::path& file) {
+  std::string out, line;
+  std::ifstream in(file);
+  while (std::getline(in, line)) {
+    const auto at = line.find("\"tokens_per_second\":");
+    if (at != std::string::npos) line.erase(at, line.find_first_of(",}", at) - at);
+    out += line + "\n";
+  }
+  return out;
 }
 
 std::string field(const std::string& json, const std::string& key) {
@@ -101,7 +126,7 @@ TEST_CASE("inspect counts the layer's parameters") {
   const fs::path dir = fresh_dir("inspect");
   const CommandResult r = run_moelab("inspect " + quoted(tiny_recipe(dir)) + " --json", false);
   REQUIRE(r.status == 0);
-  // default: d_model 32, 8 SwiGLU experts of width 64, top-2: router 8*32, experts 8*(2*64*32 + 32*64).
+  // layer_regression: d_model 32, 8 SwiGLU experts of width 64, top-2: router 8*32, experts 8*(2*64*32 + 32*64).
   CHECK(field(r.output, "router") == "256");
   CHECK(field(r.output, "routed_experts") == "49152");
   CHECK(field(r.output, "active_parameters_per_token") == "1.2544E4");
@@ -158,14 +183,80 @@ TEST_CASE("every command answers --help, and usage mistakes exit 2") {
   CHECK(run_moelab("frobnicate").status == 2);
   CHECK(run_moelab("run").status == 2);
   CHECK(run_moelab("run a.toml --no-such-flag").status == 2);
-  CHECK(run_moelab("version").output.find("plugin ABI 1.0") != std::string::npos);
+  CHECK(run_moelab("version").output.find("plugin ABI 2.0") != std::string::npos);
 }
 
-TEST_CASE("run refuses a recipe describing a whole transformer instead of training something else") {
-  const fs::path recipe = fs::path(MOELAB_SOURCE_DIR) / "recipes/published/small/mixtral_8x7b.toml";
+TEST_CASE("run refuses what the trainer cannot train, at the recipe's key, before anything is written") {
+  const fs::path recipe = fs::path(MOELAB_SOURCE_DIR) / "recipes/published/switch_base_8.toml";
   REQUIRE(fs::exists(recipe));
-  const CommandResult r = run_moelab("run " + quoted(recipe) + " --out " + quoted(fs::temp_directory_path() / "never"));
+  const fs::path out = fs::temp_directory_path() / ("moelab-never-" + std::to_string(::getpid()));
+  const CommandResult r = run_moelab("run " + quoted(recipe) + " --out " + quoted(out));
+  CAPTURE(r.output);
   CHECK(r.status == 2);
-  CHECK(r.output.find("describes a transformer") != std::string::npos);
+  CHECK(r.output.find("model.architecture") != std::string::npos);
+  CHECK(r.output.find("encoder_decoder") != std::string::npos);
+  CHECK(!fs::exists(out));
   CHECK(run_moelab("inspect " + quoted(recipe)).status == 0);
+}
+
+TEST_CASE("a language-model run writes its folder and checkpoint, and reports the corpus floor") {
+  const fs::path dir = fresh_dir("lm");
+  const CommandResult r = run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs"));
+  CAPTURE(r.output);
+  REQUIRE(r.status == 0);
+  const fs::path run_dir = dir / "runs" / "lm";
+  for (const char* file : {"recipe.toml", "metrics.jsonl", "summary.json", "report.md", "checkpoint.safetensors"})
+    CHECK(fs::exists(run_dir / file));
+  const std::string summary = slurp(run_dir / "summary.json");
+  CHECK(std::stod(field(summary, "eval_optimal_loss")) > 0);
+  CHECK(std::stod(field(summary, "entropy_rate")) > 0);
+  CHECK(std::stod(field(summary, "final_eval_loss")) > std::stod(field(summary, "eval_optimal_loss")));
+  const std::string metrics = slurp(run_dir / "metrics.jsonl");
+  for (const char* key : {"\"optimal_loss\"", "\"grad_norm\"", "\"lr\"", "\"balancer_losses\"", "\"max_violation\"",
+                          "\"router_entropy\"", "\"dead_experts\"", "\"drop_fraction\""})
+    CHECK(metrics.find(key) != std::string::npos);
+  CHECK(slurp(run_dir / "report.md").find("optimal loss on the eval windows") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run's metrics") {
+  const fs::path dir = fresh_dir("resume");
+  const fs::path recipe = tiny_lm_recipe(dir);
+  REQUIRE(run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "whole")).status == 0);
+
+  // Stop after step 13: between checkpoints, so the resumed run redoes nothing twice.
+  const CommandResult stopped = run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "split") + " --stop-at 13");
+  CAPTURE(stopped.output);
+  REQUIRE(stopped.status == 0);
+  const fs::path split = dir / "split" / "lm";
+  CHECK(stopped.output.find("--resume") != std::string::npos);
+  CHECK(!fs::exists(split / "summary.json"));
+  CHECK(fs::exists(split / "checkpoint.safetensors"));
+
+  // Starting it again over the unfinished folder is refused with the way to continue it.
+  const CommandResult again = run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "split"));
+  CHECK(again.status == 2);
+  CHECK(again.output.find("moelab run --resume") != std::string::npos);
+  CHECK(run_moelab("run --resume " + quoted(split) + " --set train.steps=5").status == 2);
+
+  const CommandResult resumed = run_moelab("run --resume " + quoted(split));
+  CAPTURE(resumed.output);
+  REQUIRE(resumed.status == 0);
+  CHECK(metrics_without_speed(split / "metrics.jsonl") == metrics_without_speed(dir / "whole" / "lm" / "metrics.jsonl"));
+  const std::string a = slurp(dir / "whole" / "lm" / "summary.json"), b = slurp(split / "summary.json");
+  CHECK(field(a, "final_eval_loss") == field(b, "final_eval_loss"));
+  CHECK(field(a, "final_train_loss") == field(b, "final_train_loss"));
+  CHECK(field(a, "train_drop_fraction") == field(b, "train_drop_fraction"));
+  CHECK(field(b, "resumed_after_step") == "13");
+
+  // A finished run has nothing to resume; a folder without a checkpoint cannot be resumed.
+  const CommandResult finished = run_moelab("run --resume " + quoted(split));
+  CHECK(finished.status == 2);
+  CHECK(finished.output.find("has finished") != std::string::npos);
+  fs::create_directories(dir / "empty");
+  std::ofstream(dir / "empty" / "recipe.toml") << "name = \"x\"\n";
+  CHECK(run_moelab("run --resume " + quoted(dir / "empty")).status == 2);
+  CHECK(run_moelab("run --resume " + quoted(dir / "nowhere")).status == 2);
+  CHECK(run_moelab("run " + quoted(recipe) + " --stop-at zero").status == 2);
+  fs::remove_all(dir);
 }

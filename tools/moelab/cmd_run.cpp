@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -11,6 +13,7 @@
 #include "moelab/experiment.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
+#include "moelab/transformer.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -29,49 +32,93 @@ struct PlannedRun {
   std::string label;
 };
 
-// `moelab run` trains what experiment.cpp implements: one MoE layer on the built-in regression
-// task. A recipe that describes a whole transformer (the published models, their companions)
-// validates and inspects, but running it would silently train something else: refuse, and say why.
+// A recipe with a vocabulary trains the transformer; say up front, at the recipe's keys, what of it
+// the trainer cannot train (an encoder-decoder, T5's relative bias, MTP modules), before any run
+// of a sweep starts.
 void refuse_untrainable(const RunConfig& config, const Recipe& recipe) {
-  const ModelConfig& m = config.model;
-  std::vector<std::string> parts;
-  if (m.vocab_size > 0) parts.push_back(fmt::format("model.vocab_size = {}", m.vocab_size));
-  if (m.n_layers != 1) parts.push_back(fmt::format("model.n_layers = {}", m.n_layers));
-  if (m.n_encoder_layers > 0) parts.push_back(fmt::format("model.n_encoder_layers = {}", m.n_encoder_layers));
-  if (m.attention != AttentionKind::none) parts.push_back("attention");
-  if (m.d_ff > 0) parts.push_back(fmt::format("a dense FFN (model.d_ff = {})", m.d_ff));
-  if (m.norm != NormKind::none) parts.push_back("norms");
-  if (m.mtp_modules > 0) parts.push_back("multi-token prediction");
-  if (parts.empty()) return;
+  if (config.model.vocab_size == 0) return;
   Diagnostics diagnostics;
-  diagnostics.add(recipe.where("model"), "model",
-                  fmt::format("this recipe describes a transformer ({}); `moelab run` trains one MoE layer on the "
-                              "built-in regression task until the language-model trainer lands",
-                              fmt::join(parts, ", ")),
-                  "`moelab inspect` and `moelab check` work on it; to run the MoE layer alone, remove those keys");
+  for (const Unsupported& u : transformer_unsupported(config)) {
+    SourceLocation where = recipe.where(u.key);
+    if (!where.known()) where = recipe.where("model");
+    diagnostics.add(where, u.key, u.message, u.hint);
+  }
   diagnostics.throw_if_any();
 }
+
+std::atomic<int> g_interrupts{0};
+std::atomic<bool> g_interrupt{false};
+
+// The first Ctrl-C asks the trainer to checkpoint and stop after the current step; a second one
+// falls back to the default action and ends the process.
+void on_interrupt(int) {
+  g_interrupt.store(true);
+  if (++g_interrupts >= 2) {
+    std::signal(SIGINT, SIG_DFL);
+    std::raise(SIGINT);
+  }
+}
+
+bool has_checkpoint(const fs::path& dir) { return fs::exists(dir / "checkpoint.safetensors"); }
 
 }  // namespace
 
 int cmd_run(const Args& args) {
   const ArgSpec spec{
-      "moelab run RECIPE [--set KEY=VALUE]... [--out DIR] [--overwrite]",
+      "moelab run RECIPE [--set KEY=VALUE]... [--out DIR] [--overwrite] [--stop-at STEP]\n"
+      "       moelab run --resume RUN_DIR [--stop-at STEP]",
       "Trains what RECIPE describes and writes a run folder per run: OUT/NAME (or OUT/NAME/SWEEP_POINT\n"
       "for a [sweep]) holding recipe.toml (the resolved recipe, rerunnable as is), metrics.jsonl,\n"
-      "summary.json and report.md. Every run of a sweep is validated before the first one starts.\n"
-      "A run that fails leaves no folder behind.",
+      "summary.json and report.md, and for a language model checkpoint.safetensors. Every run of a\n"
+      "sweep is validated before the first one starts. A run that fails before its first checkpoint\n"
+      "leaves no folder behind. Ctrl-C checkpoints after the current step and stops; --resume RUN_DIR\n"
+      "continues from the checkpoint to the same result as an uninterrupted run.",
       {{"--set", "override a recipe key, VALUE parsed as TOML (repeatable): --set moe.top_k=1"},
-       {"--out", "parent folder of the run folders (default: the recipe's output.dir, \"runs\")"}},
+       {"--out", "parent folder of the run folders (default: the recipe's output.dir, \"runs\")"},
+       {"--resume", "continue the unfinished language-model run in RUN_DIR from its checkpoint"},
+       {"--stop-at", "checkpoint after step STEP and stop, leaving the run resumable (split long runs)"}},
       {{"--overwrite", "replace existing run folders instead of refusing"}},
-      1,
+      0,
       1};
   const ParsedArgs parsed = parse_args(spec, args);
   if (parsed.help) {
     std::fputs(help_text(spec).c_str(), stdout);
     return kExitOk;
   }
-  const Recipe recipe = Recipe::load(parsed.positional[0], LoadOptions{parsed.all("--set")});
+  const std::optional<std::string> resume = parsed.option("--resume");
+  if (resume.has_value() == !parsed.positional.empty())
+    throw UsageError(resume ? "give either RECIPE or --resume RUN_DIR, not both"
+                            : "missing RECIPE (or --resume RUN_DIR); see moelab run --help");
+  if (resume && (!parsed.all("--set").empty() || parsed.option("--out") || parsed.flag("--overwrite")))
+    throw UsageError("--resume continues a run exactly as its recipe.toml says: --set, --out and --overwrite do "
+                     "not apply");
+  RunOptions options;
+  if (auto stop_at = parsed.option("--stop-at")) {
+    try {
+      size_t used = 0;
+      options.stop_at = std::stoll(*stop_at, &used);
+      if (used != stop_at->size() || options.stop_at < 1) throw std::invalid_argument("");
+    } catch (const std::exception&) {
+      throw UsageError(fmt::format("--stop-at expects a step >= 1, got '{}'", *stop_at));
+    }
+  }
+  options.interrupt = &g_interrupt;
+  const fs::path recipe_file = resume ? fs::path(*resume) / "recipe.toml" : fs::path(parsed.positional[0]);
+  if (resume) {
+    const fs::path dir(*resume);
+    if (!fs::is_directory(dir)) throw UsageError(fmt::format("--resume: {} is not a run folder", dir.string()));
+    if (!fs::exists(recipe_file))
+      throw UsageError(fmt::format("--resume: {} has no recipe.toml; it is not a moelab run folder", dir.string()));
+    if (fs::exists(dir / "summary.json"))
+      throw UsageError(fmt::format("--resume: the run in {} has finished (summary.json is there); nothing to resume",
+                                   dir.string()));
+    if (!has_checkpoint(dir))
+      throw UsageError(fmt::format("--resume: {} has no checkpoint.safetensors: the run stopped before its first "
+                                   "checkpoint; start it again with moelab run {}",
+                                   dir.string(), recipe_file.string()));
+    options.resume = true;
+  }
+  const Recipe recipe = Recipe::load(recipe_file.string(), LoadOptions{parsed.all("--set")});
   std::vector<PlannedRun> runs;
   Diagnostics all;
   for (const auto& point : recipe.expand_sweep()) {
@@ -84,6 +131,7 @@ int cmd_run(const Args& args) {
       const fs::path parent = parsed.option("--out") ? fs::path(*parsed.option("--out")) : run.config.output_dir;
       run.dir = parent / run.config.name;
       if (!point.slug.empty()) run.dir /= point.slug;
+      if (resume) run.dir = fs::path(*resume);
       run.label = point.label;
       runs.push_back(std::move(run));
     } catch (const UsageError& e) {
@@ -93,11 +141,16 @@ int cmd_run(const Args& args) {
   }
   all.throw_if_any();
   for (const auto& run : runs) {
-    if (fs::exists(run.dir) && !fs::is_empty(run.dir) && !parsed.flag("--overwrite"))
-      throw UsageError(fmt::format("run folder {} exists and is not empty; pass --overwrite to replace it, or "
-                                   "--out DIR to write elsewhere",
-                                   run.dir.string()));
+    if (resume || !fs::exists(run.dir) || fs::is_empty(run.dir) || parsed.flag("--overwrite")) continue;
+    if (has_checkpoint(run.dir) && !fs::exists(run.dir / "summary.json"))
+      throw UsageError(fmt::format("run folder {} holds an unfinished run; continue it with moelab run --resume {}, "
+                                   "or pass --overwrite to start again",
+                                   run.dir.string(), run.dir.string()));
+    throw UsageError(fmt::format("run folder {} exists and is not empty; pass --overwrite to replace it, or "
+                                 "--out DIR to write elsewhere",
+                                 run.dir.string()));
   }
+  std::signal(SIGINT, on_interrupt);
 
   const bool tty = isatty(fileno(stderr)) != 0;
   for (size_t i = 0; i < runs.size(); ++i) {
@@ -106,14 +159,21 @@ int cmd_run(const Args& args) {
     registry.scan(run.config.plugin_paths);
     std::fprintf(stderr, "run %zu/%zu: %s%s -> %s\n", i + 1, runs.size(), run.config.name.c_str(),
                  run.label.empty() ? "" : (" [" + run.label + "]").c_str(), run.dir.string().c_str());
-    // Written beside the final folder and renamed into place, so a failure leaves nothing behind.
-    const fs::path staging = run.dir.parent_path() / (run.dir.filename().string() + ".incomplete");
-    fs::remove_all(staging);
-    fs::create_directories(staging);
+    // A layer-only run is written beside its final folder and renamed into place, so a failure
+    // leaves nothing behind. A language model trains in its folder, which keeps its checkpoint
+    // when the run stops; it is removed only when it fails before any checkpoint.
+    const bool language_model = run.config.model.vocab_size > 0;
+    const fs::path work_dir =
+        language_model ? run.dir : run.dir.parent_path() / (run.dir.filename().string() + ".incomplete");
+    if (!resume) {
+      fs::remove_all(work_dir);
+      if (language_model) fs::remove_all(run.dir);
+      fs::create_directories(work_dir);
+    }
     RunResult result;
     try {
       const int64_t log_every = run.config.train.log_every;
-      result = run_experiment(run.config, run.resolved, registry, staging, [&](const ProgressUpdate& u) {
+      result = run_experiment(run.config, run.resolved, registry, work_dir, [&](const ProgressUpdate& u) {
         if (tty) {
           const double done = static_cast<double>(u.step) / static_cast<double>(u.steps);
           const int width = 30, filled = static_cast<int>(done * width);
@@ -126,14 +186,25 @@ int cmd_run(const Args& args) {
           std::fprintf(stderr, "  step %lld/%lld  loss %.5f  %.0f tok/s  %s left\n", static_cast<long long>(u.step),
                        static_cast<long long>(u.steps), u.loss, u.tokens_per_second, clock_str(u.seconds_left).c_str());
         }
-      });
+      }, options);
     } catch (...) {
       std::error_code ignored;
-      fs::remove_all(staging, ignored);
+      if (!language_model || (!resume && !has_checkpoint(work_dir))) fs::remove_all(work_dir, ignored);
+      else std::fprintf(stderr, "\nthe run stopped; its last checkpoint is in %s: moelab run --resume %s\n",
+                        work_dir.string().c_str(), work_dir.string().c_str());
       throw;
     }
-    fs::remove_all(run.dir);
-    fs::rename(staging, run.dir);
+    if (!result.finished) {
+      if (tty) std::fputc('\n', stderr);
+      std::printf("%s: stopped after step %lld of %lld with a checkpoint; continue with: moelab run --resume %s\n",
+                  run.dir.string().c_str(), static_cast<long long>(result.steps_done),
+                  static_cast<long long>(run.config.train.steps), run.dir.string().c_str());
+      return g_interrupt.load() ? 130 : kExitOk;
+    }
+    if (!language_model) {
+      fs::remove_all(run.dir);
+      fs::rename(work_dir, run.dir);
+    }
     std::printf("%s: eval loss %.5f (floor %.5f), dropped %.2f%% in training / %.2f%% in eval, MaxVio %.3f, "
                 "dead experts %lld, %.1f s\n",
                 run.dir.string().c_str(), result.final_eval_loss, result.loss_floor,

@@ -75,6 +75,9 @@ struct ModelConfig {
   bool norm_bias = false;  // layernorm with a bias (2d per norm instead of d)
   bool tied_embeddings = false;
   int64_t mtp_modules = 0;  // DeepSeek-V3 multi-token prediction modules, counted apart
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-6;
+  double init_std = 0.02;   // normal init of every projection and embedding
 
   // Whether layer `index` (0-based, within its stack) has an MoE FFN.
   bool is_moe_layer(int64_t index) const {
@@ -92,16 +95,45 @@ struct ReferenceConfig {
   std::string known_deviation;  // why inspect misses a figure by more than the tolerance (tested to be real)
 };
 
+enum class LrSchedule { constant, cosine, linear };
+const char* lr_schedule_name(LrSchedule schedule);
+
 struct TrainConfig {
   int64_t steps = 200;
   int64_t batch_size = 8;  // sequences per step
   int64_t seq_len = 64;    // tokens per sequence
-  double lr = 1e-3;
-  double weight_decay = 0.0;
-  double grad_clip = 1.0;  // global norm; 0 disables
+  double lr = 1e-3;        // peak learning rate
+  LrSchedule schedule = LrSchedule::cosine;
+  int64_t warmup_steps = 0;    // linear warmup from 0 to lr over these steps
+  double min_lr_ratio = 0.1;   // the schedule decays to lr * min_lr_ratio at the last step
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  double weight_decay = 0.0;   // decoupled; never applied to biases and norms
+  std::vector<std::string> no_decay;  // parameter groups also exempt: names containing one of these
+  double grad_clip = 1.0;      // global norm; 0 disables
   int64_t log_every = 10;
-  int64_t eval_every = 50;  // 0 disables
+  int64_t eval_every = 50;     // 0 disables (the last step is always evaluated)
   int64_t eval_batches = 4;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  // The learning rate at `step` (1-based): warmup, then the schedule down to lr * min_lr_ratio.
+  double lr_at(int64_t step) const;
+};
+
+// [data]: what the language model reads. Token windows are drawn deterministically from
+// (seed, split, batch index), so a resumed run sees exactly the batches of an uninterrupted one.
+struct DataConfig {
+  std::string kind = "markov";  // markov | text | tokens
+  // markov: `domains` random order-`order` Markov sources over the model's vocabulary; from each
+  // context a source moves to one of `branching` successors, with probabilities drawn from a
+  // symmetric Dirichlet(`concentration`). Each sequence comes from one domain.
+  int64_t domains = 4;
+  int64_t order = 1;
+  int64_t branching = 4;
+  double concentration = 1.0;
+  // text / tokens: files or globs (absolute after build_config), read in sorted order and
+  // concatenated; the last eval_fraction of the tokens is held out for evaluation.
+  std::vector<std::filesystem::path> paths;
+  std::string token_dtype = "u16";  // tokens: u16 | u32, little-endian, no header (nanoGPT's .bin)
+  double eval_fraction = 0.1;
 };
 
 // The built-in synthetic task until the language-model trainer lands: tokens drawn from a
@@ -124,7 +156,8 @@ struct RunConfig {
   MoeConfig moe;
   ReferenceConfig reference;
   TrainConfig train;
-  TaskConfig task;
+  TaskConfig task;  // the layer-only regression task (model without vocabulary)
+  DataConfig data;  // the language model's data (model with a vocabulary)
   std::filesystem::path output_dir = "runs";  // [output] dir, relative to the working directory
 
   // The MoE layer as the router and balancers see it: d_model, dtype, and num_experts/top_k after

@@ -44,6 +44,9 @@ class DeadExpertTracker {
   // Experts that processed no token within the last `window` tokens (only once that many were seen).
   std::vector<int64_t> dead() const;
   int64_t tokens_seen() const { return tokens_seen_; }
+  // Checkpoint state: the token count at which each expert last got a token, and the total.
+  const std::vector<int64_t>& last_seen() const { return last_seen_; }
+  void restore(std::vector<int64_t> last_seen, int64_t tokens_seen);
 
  private:
   int64_t window_;

@@ -26,6 +26,10 @@ class AdamWOptimizer {
   void step(double lr);
   void zero_grad();
   int64_t steps_taken() const { return steps_; }
+  // Checkpoint state: the moments of parameter i (in the constructor's order) and the step count.
+  Tensor& first_moment(size_t i) { return m_.at(i); }
+  Tensor& second_moment(size_t i) { return v_.at(i); }
+  void set_steps_taken(int64_t steps) { steps_ = steps; }
 
  private:
   Ops& ops_;

@@ -1,0 +1,136 @@
+// The decoder-only MoE transformer `moelab run` trains: token embedding, N blocks of
+//   h = x + attention(norm(x));  y = h + ffn(norm(h))
+// (pre-norm, as Mixtral, DeepSeek, Qwen and OLMoE), a final norm and the LM head, tied or not.
+// Each block's FFN is dense or an MoE layer by the recipe's pattern (ModelConfig::is_moe_layer).
+// Attention is multi-head / grouped-query with RoPE (optionally with query/key norms), or
+// DeepSeek's multi-head latent attention. Every part pairs an explicit forward with its backward
+// (llm.c's style): a forward saves what its backward reads, and one backward follows one forward.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moelab/config.hpp"
+#include "moelab/ffn.hpp"
+#include "moelab/moe_layer.hpp"
+#include "moelab/module.hpp"
+
+namespace moelab {
+
+class PluginRegistry;
+
+// y = x W^T (+ b) with W [out, in], the torch.nn.Linear layout.
+struct Linear {
+  Parameter weight, bias;
+  Linear() = default;
+  Linear(Ops& ops, const std::string& name, int64_t in, int64_t out, bool has_bias, DType dtype, Rng& rng,
+         double init_std);
+  Tensor forward(Ops& ops, const Tensor& x) const;
+  // Accumulates dW (and db); dx is overwritten (accumulate_dx = false) or added to, or skipped when null.
+  void backward(Ops& ops, const Tensor& x, const Tensor& dy, Tensor* dx, bool accumulate_dx);
+  void collect(std::vector<Parameter*>& out);
+};
+
+// RMSNorm or LayerNorm over the last dimension (width), or the identity for NormKind::none.
+struct Norm {
+  NormKind kind = NormKind::none;
+  double eps = 1e-6;
+  Parameter weight, bias;
+  Tensor mean, rstd;  // saved by forward
+  Norm() = default;
+  Norm(Ops& ops, const std::string& name, NormKind kind, int64_t width, bool has_bias, double eps, DType dtype);
+  Tensor forward(Ops& ops, const Tensor& x);
+  Tensor backward(Ops& ops, const Tensor& x, const Tensor& dy);
+  void collect(std::vector<Parameter*>& out);
+};
+
+// Self-attention of one block: MHA / GQA with RoPE, or MLA.
+class Attention {
+ public:
+  Attention(const ModelConfig& model, int64_t layer, Ops& ops, Rng& rng);
+  Tensor forward(Ops& ops, const Tensor& x, int64_t seq_len);
+  Tensor backward(Ops& ops, const Tensor& dy);
+  void collect(std::vector<Parameter*>& out);
+
+ private:
+  Tensor forward_mla(Ops& ops, const Tensor& x);
+  Tensor backward_mla(Ops& ops, const Tensor& dattn_q, const Tensor& dattn_k, const Tensor& dattn_v);
+  ModelConfig model_;
+  bool mla_;
+  int64_t heads_, kv_heads_, qk_dim_, v_dim_;
+  double scale_;
+  Linear q_proj_, k_proj_, v_proj_, o_proj_;  // MHA / GQA (q_proj_ is also MLA's direct query projection)
+  Norm q_norm_, k_norm_;             // qk_norm: per head or over the projection
+  Linear q_a_, q_b_, kv_a_, kv_b_;   // MLA down / up projections
+  Norm q_a_norm_, kv_a_norm_;
+  // Saved by forward.
+  int64_t seq_len_ = 0;
+  Tensor x_, q_raw_, k_raw_, q_, k_, v_, out_, lse_;  // q_, k_: after norms and RoPE
+  Tensor q_a_out_, q_a_normed_, kv_a_out_, ckv_, ckv_normed_, kv_up_;
+};
+
+// One pre-norm block.
+class Block {
+ public:
+  Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  Tensor forward(Ops& ops, const Tensor& x, const LayerInput& input);
+  Tensor backward(Ops& ops, const Tensor& dy);
+  void collect(const std::string& prefix, std::vector<std::pair<std::string, Parameter*>>& out);
+  MoeLayer* moe() { return moe_.get(); }
+
+ private:
+  Norm attn_norm_, ffn_norm_;
+  Attention attention_;
+  std::unique_ptr<GroupedFfn> dense_;
+  std::unique_ptr<MoeLayer> moe_;
+  Tensor x_, h_, attn_in_, ffn_in_;
+  std::unique_ptr<ForwardContext> dense_ctx_;
+};
+
+class Transformer : public Module {
+ public:
+  // config.model must describe a decoder with a vocabulary and attention; throws UsageError
+  // naming the recipe key otherwise (use transformer_unsupported() to ask first).
+  Transformer(const RunConfig& config, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  ~Transformer() override;
+
+  // inputs and targets: host i32 [batch * seq_len]; a negative target is not scored. Returns the
+  // mean cross-entropy over scored targets; aux_loss() holds the balancers' sum for this forward.
+  double forward(const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets, int64_t batch,
+                 bool training, int64_t step);
+  // Gradients of (cross-entropy + every balancer loss) of the last forward, accumulated.
+  void backward();
+  void after_step();  // balancers' between-step updates (aux_free_bias)
+
+  double aux_loss() const;
+  std::vector<MoeLayer*> moe_layers();
+  std::vector<Parameter*> parameters() override;
+  // Parameters by their name in checkpoints: "embed.weight", "layers.3.attn.q.weight", ...
+  std::vector<std::pair<std::string, Parameter*>> named_parameters();
+  // Non-trainable state a checkpoint must carry: each MoE layer's expert bias.
+  std::vector<std::pair<std::string, Tensor*>> named_buffers();
+
+ private:
+  RunConfig config_;
+  Ops& ops_;
+  Parameter embed_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  Norm final_norm_;
+  Linear head_;  // unused when tied
+  // Saved by forward.
+  int64_t batch_ = 0, seq_len_ = 0;
+  Tensor input_ids_, target_ids_, x0_, final_in_, final_out_, logits_, lse_;
+  int64_t scored_ = 0;
+};
+
+// Why `config` cannot be trained as a language model (empty when it can): for each reason, the
+// recipe key, what is wrong and what to change.
+struct Unsupported {
+  std::string key, message, hint;
+};
+std::vector<Unsupported> transformer_unsupported(const RunConfig& config);
+
+}  // namespace moelab

@@ -1,0 +1,22 @@
+// What the two trainers (experiment.cpp's layer task, lm_trainer.cpp's language model) share when
+// they write a run folder.
+#pragma once
+
+#include <boost/json.hpp>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "moelab/moe_layer.hpp"
+
+namespace moelab {
+
+// One MoE layer's figures for metrics.jsonl: load, drops, f_i, P_i, MaxVio, entropy, dead experts.
+boost::json::object layer_json(const LayerStats& stats, const std::vector<int64_t>& dead);
+// "#####....." of `width` characters, `fraction` of them filled.
+std::string bar(double fraction, int width);
+// Writes `text` to `file`, replacing it; RuntimeError when it cannot.
+void write_text(const std::filesystem::path& file, const std::string& text);
+
+}  // namespace moelab
