@@ -260,3 +260,48 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   CHECK(run_moelab("run " + quoted(recipe) + " --stop-at zero").status == 2);
   fs::remove_all(dir);
 }
+
+TEST_CASE("a language model trains on text files and on token files; a malformed file is a clear error") {
+  const fs::path dir = fresh_dir("textdata");
+  {
+    std::ofstream text(dir / "corpus.txt");
+    for (int i = 0; i < 400; ++i) text << "the expert " << i % 7 << " takes token " << i << "; the router decides.\n";
+  }
+  const CommandResult text = run_moelab(
+      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"corpus.txt\"]\n")) + " --out " +
+      quoted(dir / "runs") + " --set model.vocab_size=256");
+  CAPTURE(text.output);
+  REQUIRE(text.status == 0);
+  CHECK(field(slurp(dir / "runs" / "lm" / "summary.json"), "eval_optimal_loss") == "null");
+  CHECK(field(slurp(dir / "runs" / "lm" / "summary.json"), "data").find("text") != std::string::npos);
+
+  {
+    std::ofstream tokens(dir / "tokens.bin", std::ios::binary);
+    for (uint16_t i = 0; i < 3000; ++i) {
+      const uint16_t token = static_cast<uint16_t>((i * 7) % 16);
+      tokens.write(reinterpret_cast<const char*>(&token), 2);
+    }
+  }
+  const CommandResult tokens = run_moelab(
+      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"tokens.bin\"]\n")) + " --out " +
+      quoted(dir / "tok"));
+  CAPTURE(tokens.output);
+  CHECK(tokens.status == 0);
+
+  std::ofstream(dir / "odd.bin", std::ios::binary) << "abc";  // 3 bytes: not a whole number of u16 tokens
+  const CommandResult odd = run_moelab(
+      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"odd.bin\"]\n")) + " --out " +
+      quoted(dir / "odd"));
+  CAPTURE(odd.output);
+  CHECK(odd.status == 2);
+  CHECK(odd.output.find("odd.bin") != std::string::npos);
+  CHECK(!fs::exists(dir / "odd" / "lm"));
+
+  const CommandResult missing = run_moelab(
+      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"nothing/*.txt\"]\n")) + " --out " +
+      quoted(dir / "missing") + " --set model.vocab_size=256");
+  CHECK(missing.status == 2);
+  CHECK(missing.output.find("nothing/*.txt") != std::string::npos);
+  CHECK(!fs::exists(dir / "missing" / "lm"));
+  fs::remove_all(dir);
+}

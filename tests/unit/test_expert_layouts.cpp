@@ -60,13 +60,13 @@ std::vector<double> row_of(const Tensor& t, int64_t r) {
 }
 
 // Central differences of `loss` w.r.t. every element of `values` (a cpu-kernel tensor, so host
-// memory) against `analytic`. In double with step 1e-6: ~1e-10 relative error for these O(1)
+// memory) against `analytic`. In double with step 1e-5: ~1e-10 relative error for these O(1)
 // smooth functions; 1e-6 leaves a margin.
 void check_against_differences(Tensor& values, const std::vector<double>& analytic, const std::function<double()>& loss,
                                const std::string& what) {
   CAPTURE(what);
   std::vector<double> numeric(analytic.size());
-  const double step = 1e-6;
+  const double step = 1e-5;
   for (int64_t i = 0; i < values.numel(); ++i) {
     const double original = host_value(values, i);
     set_host_value(values, i, original + step);

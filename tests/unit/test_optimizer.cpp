@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "moelab/config.hpp"
 #include "moelab/optimizer.hpp"
 #include "test_support.hpp"
 
@@ -66,4 +67,30 @@ TEST_CASE("gradient clipping scales every gradient to the global norm and report
   CHECK(values_of(ops.to_host(b.grad))[0] == doctest::Approx(0.8).epsilon(1e-6));
   optimizer.zero_grad();
   CHECK(values_of(ops.to_host(b.grad))[0] == 0.0);
+}
+
+TEST_CASE("the learning-rate schedule: linear warmup, then cosine or linear decay to lr * min_lr_ratio") {
+  TrainConfig t;
+  t.steps = 110;
+  t.lr = 1e-3;
+  t.warmup_steps = 10;
+  t.min_lr_ratio = 0.1;
+  t.schedule = LrSchedule::cosine;
+  CHECK(t.lr_at(1) == doctest::Approx(1e-4));
+  CHECK(t.lr_at(5) == doctest::Approx(5e-4));
+  CHECK(t.lr_at(10) == doctest::Approx(1e-3));
+  // Half way through the decay the cosine is at the midpoint of lr and the floor.
+  CHECK(t.lr_at(60) == doctest::Approx(0.5 * (1e-3 + 1e-4)));
+  CHECK(t.lr_at(110) == doctest::Approx(1e-4));
+  for (int64_t s = 11; s < 110; ++s) CHECK(t.lr_at(s + 1) <= t.lr_at(s));
+  t.schedule = LrSchedule::linear;
+  CHECK(t.lr_at(35) == doctest::Approx(1e-3 - 0.25 * 9e-4));
+  CHECK(t.lr_at(110) == doctest::Approx(1e-4));
+  t.schedule = LrSchedule::constant;
+  CHECK(t.lr_at(3) == doctest::Approx(3e-4));  // warmup applies to every schedule
+  CHECK(t.lr_at(100) == doctest::Approx(1e-3));
+  t.warmup_steps = 0;
+  t.schedule = LrSchedule::cosine;
+  CHECK(t.lr_at(1) < 1e-3);
+  CHECK(t.lr_at(1) > 0.999e-3);
 }
