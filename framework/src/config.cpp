@@ -128,6 +128,9 @@ std::vector<SectionSchema> core_schema() {
         param_float("norm_eps", 1e-6, "epsilon inside every RMSNorm / LayerNorm; > 0"),
         param_float("init_std", 0.02, "standard deviation of the normal init of projections and embeddings")
             .at_least(0),
+        param_float("mtp_loss_weight", 0.3,
+                    "lambda of the multi-token prediction loss (DeepSeek-V3 eq. 25: 0.3, then 0.1)")
+            .at_least(0),
         param_int("mtp_modules", 0,
                   "DeepSeek-V3 multi-token prediction modules (each: two norms, a [d, 2d] projection, one "
                   "layer; embedding and head shared); counted apart from the model")
@@ -565,6 +568,7 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
   m.norm_bias = values.get_bool("norm_bias");
   m.tied_embeddings = values.get_bool("tied_embeddings");
   m.mtp_modules = values.get_int("mtp_modules");
+  m.mtp_loss_weight = values.get_float("mtp_loss_weight");
   m.rope_theta = values.get_float("rope_theta");
   m.norm_eps = values.get_float("norm_eps");
   m.init_std = values.get_float("init_std");

@@ -292,6 +292,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
       m["step"] = step;
       m["loss"] = loss;
       m["aux_loss"] = model.aux_loss();
+      if (config.model.mtp_modules > 0) m["mtp_loss"] = model.mtp_loss();
       m["balancer_losses"] = balancer_losses(moe_layers);
       m["lr"] = lr;
       m["grad_norm"] = grad_norm;

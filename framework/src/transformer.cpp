@@ -266,14 +266,15 @@ Tensor Attention::backward_mla(Ops& ops, const Tensor& dq, const Tensor& dk, con
 
 // --- Block ----------------------------------------------------------------------------------------
 
-Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng)
+Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng,
+             bool force_moe)
     : attn_norm_(ops, fmt::format("layers.{}.attn_norm", index), config.model.norm, config.model.d_model,
                  config.model.norm_bias, config.model.norm_eps, config.model.dtype),
       ffn_norm_(ops, fmt::format("layers.{}.ffn_norm", index), config.model.norm, config.model.d_model,
                 config.model.norm_bias, config.model.norm_eps, config.model.dtype),
       attention_(config.model, index, ops, rng) {
   const ModelConfig& m = config.model;
-  if (m.is_moe_layer(index)) {
+  if (force_moe || m.is_moe_layer(index)) {
     LayerSpec spec = config.layer;
     spec.layer_index = static_cast<int>(index);
     moe_ = std::make_unique<MoeLayer>(config.moe, spec, registry, ops, rng);
@@ -340,6 +341,53 @@ void Block::collect(const std::string& prefix, std::vector<std::pair<std::string
     for (auto& [name, p] : moe_->named_parameters()) out.emplace_back(prefix + "moe." + name, p);
 }
 
+// --- Multi-token prediction -----------------------------------------------------------------------
+
+MtpModule::MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng)
+    : d_model_(config.model.d_model),
+      index_(config.model.n_layers + depth),
+      h_norm_(ops, fmt::format("layers.{}.mtp.h_norm", config.model.n_layers + depth), NormKind::rmsnorm,
+              config.model.d_model, false, config.model.norm_eps, config.model.dtype),
+      e_norm_(ops, fmt::format("layers.{}.mtp.e_norm", config.model.n_layers + depth), NormKind::rmsnorm,
+              config.model.d_model, false, config.model.norm_eps, config.model.dtype),
+      out_norm_(ops, fmt::format("layers.{}.mtp.out_norm", config.model.n_layers + depth), NormKind::rmsnorm,
+                config.model.d_model, false, config.model.norm_eps, config.model.dtype),
+      proj_(ops, fmt::format("layers.{}.mtp.proj", config.model.n_layers + depth), 2 * config.model.d_model,
+            config.model.d_model, false, config.model.dtype, rng, config.model.init_std),
+      block_(config, config.model.n_layers + depth, registry, ops, rng, true) {}
+
+Tensor MtpModule::forward(Ops& ops, const Tensor& h, const Tensor& e, const LayerInput& input) {
+  h_ = h;
+  e_ = e;
+  const Tensor h_normed = h_norm_.forward(ops, h), e_normed = e_norm_.forward(ops, e);
+  // [norm(embedding) | norm(hidden)], the order of DeepSeek-V3's reference code (eh_proj).
+  joined_ = ops.empty(h.dtype(), {h.dim(0), 2 * d_model_});
+  ops.copy_columns(e_normed, 0, joined_, 0, d_model_, false);
+  ops.copy_columns(h_normed, 0, joined_, d_model_, d_model_, false);
+  projected_ = proj_.forward(ops, joined_);
+  return block_.forward(ops, projected_, input);
+}
+
+std::pair<Tensor, Tensor> MtpModule::backward(Ops& ops, const Tensor& dy) {
+  const Tensor dprojected = block_.backward(ops, dy);
+  Tensor djoined = ops.empty(dy.dtype(), joined_.shape());
+  proj_.backward(ops, joined_, dprojected, &djoined, false);
+  Tensor de_normed = ops.empty(dy.dtype(), e_.shape()), dh_normed = ops.empty(dy.dtype(), h_.shape());
+  ops.copy_columns(djoined, 0, de_normed, 0, d_model_, false);
+  ops.copy_columns(djoined, d_model_, dh_normed, 0, d_model_, false);
+  return {h_norm_.backward(ops, h_, dh_normed), e_norm_.backward(ops, e_, de_normed)};
+}
+
+void MtpModule::collect(std::vector<std::pair<std::string, Parameter*>>& out) {
+  std::vector<Parameter*> params;
+  h_norm_.collect(params);
+  e_norm_.collect(params);
+  proj_.collect(params);
+  out_norm_.collect(params);
+  for (Parameter* p : params) out.emplace_back(p->name, p);
+  block_.collect(fmt::format("layers.{}.", index_), out);
+}
+
 // --- Transformer ----------------------------------------------------------------------------------
 
 std::vector<Unsupported> transformer_unsupported(const RunConfig& config) {
@@ -359,9 +407,6 @@ std::vector<Unsupported> transformer_unsupported(const RunConfig& config) {
   if (m.relative_attention_buckets > 0)
     out.push_back({"model.relative_attention_buckets", "T5's relative position bias is not trained; moelab uses RoPE",
                    "set model.relative_attention_buckets = 0"});
-  if (m.mtp_modules > 0)
-    out.push_back({"model.mtp_modules", "multi-token prediction modules are counted by inspect but not trained",
-                   "set model.mtp_modules = 0"});
   if (m.attention != AttentionKind::mla && m.head_dim % 2 != 0)
     out.push_back({"model.head_dim", fmt::format("RoPE rotates pairs, so head_dim must be even, got {}", m.head_dim),
                    "choose an even head_dim (or d_model / n_heads)"});
@@ -388,6 +433,34 @@ Transformer::Transformer(const RunConfig& config, const PluginRegistry& registry
   for (int64_t i = 0; i < m.n_layers; ++i) blocks_.push_back(std::make_unique<Block>(config, i, registry, ops, init));
   final_norm_ = Norm(ops, "final_norm", m.norm, m.d_model, m.norm_bias, m.norm_eps, m.dtype);
   if (!m.tied_embeddings) head_ = Linear(ops, "head", m.d_model, m.vocab_size, false, m.dtype, init, m.init_std);
+  for (int64_t k = 0; k < m.mtp_modules; ++k)
+    mtp_.push_back(std::make_unique<MtpModule>(config, k, registry, ops, init));
+}
+
+double Transformer::head_forward(const Tensor& x, const Tensor& targets, Tensor& logits, Tensor& lse) {
+  const ModelConfig& m = config_.model;
+  const int64_t rows = x.dim(0);
+  logits = ops_.empty(m.dtype, {rows, m.vocab_size});
+  ops_.gemm(false, true, 1.0, x, m.tied_embeddings ? embed_.value : head_.weight.value, 0.0, logits);
+  Tensor loss = ops_.empty(m.dtype, {rows});
+  lse = ops_.empty(m.dtype, {rows});
+  ops_.cross_entropy(logits, ops_.to_device(targets), loss, lse);
+  Tensor host_loss = ops_.to_host(loss);
+  double total = 0;
+  for (int64_t i = 0; i < rows; ++i) total += host_value(host_loss, i);
+  return total;
+}
+
+Tensor Transformer::head_backward(const Tensor& x, const Tensor& targets, const Tensor& logits, const Tensor& lse,
+                                  double scale) {
+  const ModelConfig& m = config_.model;
+  Tensor dlogits = ops_.empty(m.dtype, logits.shape());
+  ops_.cross_entropy_backward(logits, ops_.to_device(targets), lse, scale, dlogits);
+  Parameter& head_weight = m.tied_embeddings ? embed_ : head_.weight;
+  ops_.gemm(true, false, 1.0, dlogits, x, 1.0, head_weight.grad);  // dW [V, d] += dlogits^T x
+  Tensor dx = ops_.empty(m.dtype, x.shape());
+  ops_.gemm(false, false, 1.0, dlogits, head_weight.value, 0.0, dx);
+  return dx;
 }
 
 Transformer::~Transformer() = default;
@@ -419,34 +492,65 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
   for (auto& block : blocks_) x = block->forward(ops_, x, input);
   final_in_ = x;
   final_out_ = final_norm_.forward(ops_, x);
-  const Tensor& head_weight = m.tied_embeddings ? embed_.value : head_.weight.value;
-  logits_ = ops_.empty(m.dtype, {rows, m.vocab_size});
-  ops_.gemm(false, true, 1.0, final_out_, head_weight, 0.0, logits_);
-  Tensor loss = ops_.empty(m.dtype, {rows});
-  lse_ = ops_.empty(m.dtype, {rows});
-  ops_.cross_entropy(logits_, ops_.to_device(target_ids_), loss, lse_);
-  Tensor host_loss = ops_.to_host(loss);
-  double total = 0;
-  for (int64_t i = 0; i < rows; ++i) total += host_value(host_loss, i);
+  const double total = head_forward(final_out_, target_ids_, logits_, lse_);
+
+  // Module k (1-based) sees token i+k at position i and predicts token i+k+1; both come from the
+  // targets (the inputs shifted by one), and positions past the window's end are not scored.
+  mtp_saved_.assign(mtp_.size(), MtpSaved{});
+  mtp_loss_ = 0;
+  Tensor hidden = final_in_;
+  for (size_t k = 0; k < mtp_.size(); ++k) {
+    MtpSaved& saved = mtp_saved_[k];
+    saved.token_ids = host_tensor<int32_t>({rows});
+    saved.target_ids = host_tensor<int32_t>({rows});
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < seq_len_; ++i) {
+        const int64_t shifted = i + static_cast<int64_t>(k);  // targets[shifted] is token i+k+1
+        const int32_t token = shifted < seq_len_ ? targets[static_cast<size_t>(b * seq_len_ + shifted)] : -1;
+        const int32_t target =
+            shifted + 1 < seq_len_ ? targets[static_cast<size_t>(b * seq_len_ + shifted + 1)] : -1;
+        saved.token_ids.data<int32_t>()[b * seq_len_ + i] = token >= 0 ? token : 0;
+        saved.target_ids.data<int32_t>()[b * seq_len_ + i] = token >= 0 ? target : -1;
+        saved.scored += token >= 0 && target >= 0 ? 1 : 0;
+      }
+    Tensor e = ops_.empty(m.dtype, {rows, m.d_model});
+    ops_.gather_rows(embed_.value, ops_.to_device(saved.token_ids), e);
+    saved.hidden = mtp_[k]->forward(ops_, hidden, e, input);
+    saved.normed = mtp_[k]->out_norm().forward(ops_, saved.hidden);
+    const double module_total = head_forward(saved.normed, saved.target_ids, saved.logits, saved.lse);
+    mtp_loss_ += (saved.scored > 0 ? module_total / static_cast<double>(saved.scored) : 0.0) /
+                 static_cast<double>(mtp_.size());
+    hidden = saved.hidden;
+  }
   return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
 }
 
 void Transformer::backward() {
   const ModelConfig& m = config_.model;
-  const int64_t rows = logits_.dim(0);
-  Tensor dlogits = ops_.empty(m.dtype, logits_.shape());
-  ops_.cross_entropy_backward(logits_, ops_.to_device(target_ids_), lse_,
-                              scored_ > 0 ? 1.0 / static_cast<double>(scored_) : 0.0, dlogits);
-  Parameter& head_weight = m.tied_embeddings ? embed_ : head_.weight;
-  ops_.gemm(true, false, 1.0, dlogits, final_out_, 1.0, head_weight.grad);  // dW [V, d] += dlogits^T x
-  Tensor dfinal_out = ops_.empty(m.dtype, {rows, m.d_model});
-  ops_.gemm(false, false, 1.0, dlogits, head_weight.value, 0.0, dfinal_out);
+  // Multi-token prediction first, deepest module first: each hands the gradient of its input
+  // hidden state to the module before it, and the first one to the main model's last layer.
+  Tensor dhidden;
+  for (size_t k = mtp_.size(); k-- > 0;) {
+    MtpSaved& saved = mtp_saved_[k];
+    const double scale = saved.scored > 0 ? m.mtp_loss_weight / static_cast<double>(mtp_.size()) /
+                                                static_cast<double>(saved.scored)
+                                          : 0.0;
+    const Tensor dnormed = head_backward(saved.normed, saved.target_ids, saved.logits, saved.lse, scale);
+    Tensor dout = mtp_[k]->out_norm().backward(ops_, saved.hidden, dnormed);
+    if (dhidden.defined()) ops_.axpy(1.0, dhidden, dout);
+    auto [dprev, de] = mtp_[k]->backward(ops_, dout);
+    ops_.scatter_add_rows(de, ops_.to_device(saved.token_ids), nullptr, embed_.grad);
+    dhidden = dprev;
+  }
+  const Tensor dfinal_out =
+      head_backward(final_out_, target_ids_, logits_, lse_, scored_ > 0 ? 1.0 / static_cast<double>(scored_) : 0.0);
   Tensor dx = final_norm_.backward(ops_, final_in_, dfinal_out);
+  if (dhidden.defined()) ops_.axpy(1.0, dhidden, dx);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) dx = (*it)->backward(ops_, dx);
   ops_.scatter_add_rows(dx, ops_.to_device(input_ids_), nullptr, embed_.grad);
 }
 
-void Transformer::after_step() {
+void Transformer::after_step() {  // every MoE layer, the MTP modules' included
   for (MoeLayer* layer : moe_layers()) layer->after_step();
 }
 
@@ -454,6 +558,7 @@ double Transformer::aux_loss() const {
   double total = 0;
   for (const auto& block : blocks_)
     if (block->moe()) total += block->moe()->stats().aux_loss;
+  for (const auto& module : mtp_) total += module->moe()->stats().aux_loss;
   return total;
 }
 
@@ -461,6 +566,7 @@ std::vector<MoeLayer*> Transformer::moe_layers() {
   std::vector<MoeLayer*> out;
   for (auto& block : blocks_)
     if (block->moe()) out.push_back(block->moe());
+  for (auto& module : mtp_) out.push_back(module->moe());
   return out;
 }
 
@@ -472,6 +578,7 @@ std::vector<std::pair<std::string, Parameter*>> Transformer::named_parameters() 
   final_norm_.collect(rest);
   head_.collect(rest);
   for (Parameter* p : rest) out.emplace_back(p->name, p);
+  for (auto& module : mtp_) module->collect(out);
   return out;
 }
 
@@ -483,9 +590,9 @@ std::vector<Parameter*> Transformer::parameters() {
 
 std::vector<std::pair<std::string, Tensor*>> Transformer::named_buffers() {
   std::vector<std::pair<std::string, Tensor*>> out;
-  for (size_t i = 0; i < blocks_.size(); ++i)
-    if (MoeLayer* moe = blocks_[i]->moe(); moe && moe->expert_bias().defined())
-      out.emplace_back(fmt::format("layers.{}.moe.expert_bias", i), &moe->expert_bias());
+  for (MoeLayer* moe : moe_layers())
+    if (moe->expert_bias().defined())
+      out.emplace_back(fmt::format("layers.{}.moe.expert_bias", moe->spec().layer_index), &moe->expert_bias());
   return out;
 }
 

@@ -71,8 +71,10 @@ Batch random_batch(int64_t batch, int64_t seq_len, int64_t vocab, Rng& rng) {
   return b;
 }
 
-double total_loss(Transformer& model, const Batch& b) {
-  return model.forward(b.inputs, b.targets, b.batch, true, 1) + model.aux_loss();
+// What backward differentiates: cross-entropy, balancer losses and the weighted MTP loss.
+double total_loss(Transformer& model, const Batch& b, double mtp_weight = 0.3) {
+  const double ce = model.forward(b.inputs, b.targets, b.batch, true, 1);
+  return ce + model.aux_loss() + mtp_weight * model.mtp_loss();
 }
 
 // Central differences on up to `samples` entries of every parameter; returns the worst relative
@@ -130,6 +132,9 @@ TEST_CASE("transformer gradients match finite differences in double, for every m
        "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n"},
       {"MLA without query compression (V2-Lite)",
        "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = \"rmsnorm\"\n"},
+      {"two multi-token prediction modules over MLA (DeepSeek-V3)",
+       "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = \"rmsnorm\"\n"
+       "mtp_modules = 2\n"},
       {"dense FFN 'full' with gelu", "attention = \"mha\"\nnorm = \"rmsnorm\"\ndense_ffn = \"full\"\ndense_activation = \"gelu\"\n"},
   };
   for (const auto& [label, extra] : variants) {
@@ -179,7 +184,8 @@ TEST_CASE("the transformer's parameters are what inspect counts") {
        {"attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n",
         "attention = \"mha\"\nnorm = \"layernorm\"\nnorm_bias = true\ntied_embeddings = true\nattention_bias = true\n",
         "attention = \"gqa\"\nn_kv_heads = 1\nqk_norm = \"head\"\nqkv_bias = true\nnorm = \"rmsnorm\"\n",
-        "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n"}) {
+        "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n",
+        "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\nmtp_modules = 1\n"}) {
     CAPTURE(extra);
     const RunConfig config = config_of(recipe_text(extra, "f32"));
     Rng rng(1);
@@ -187,7 +193,7 @@ TEST_CASE("the transformer's parameters are what inspect counts") {
     double allocated = 0;
     for (Parameter* p : model.parameters()) allocated += static_cast<double>(p->value.numel());
     const ModelCounts counts = count_model(config.model, count_moe_layer(config, registry()), 16);
-    CHECK(allocated == counts.total.sum());
+    CHECK(allocated == counts.total.sum() + counts.mtp_total.sum());
   }
 }
 
@@ -205,11 +211,11 @@ TEST_CASE("the same seed gives the same model and loss; the loss starts near log
 
 TEST_CASE("the transformer refuses what it cannot train, naming the key") {
   RunConfig config = config_of(recipe_text("attention = \"mha\"\n", "f32"));
-  config.model.mtp_modules = 1;
+  config.model.relative_attention_buckets = 32;
   Rng rng(1);
   CHECK_THROWS_WITH_AS(Transformer(config, registry(), cpu_kernel(), rng),
-                       doctest::Contains("model.mtp_modules"), UsageError);
-  config.model.mtp_modules = 0;
+                       doctest::Contains("model.relative_attention_buckets"), UsageError);
+  config.model.relative_attention_buckets = 0;
   config.model.attention = AttentionKind::none;
   CHECK_THROWS_WITH_AS(Transformer(config, registry(), cpu_kernel(), rng), doctest::Contains("model.attention"),
                        UsageError);
@@ -218,4 +224,19 @@ TEST_CASE("the transformer refuses what it cannot train, naming the key") {
   Transformer model(config, registry(), cpu_kernel(), rng);
   CHECK_THROWS_WITH_AS(model.forward(inputs, targets, 1, true, 1), doctest::Contains("outside the vocabulary"),
                        UsageError);
+}
+
+TEST_CASE("multi-token prediction: module k scores token i+k+1, and its loss does not change the main loss") {
+  const std::string base = "attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n";
+  const RunConfig plain = config_of(recipe_text(base));
+  const RunConfig with_mtp = config_of(recipe_text(base + "mtp_modules = 1\n"));
+  Rng data_rng(4);
+  const Batch b = random_batch(2, 6, plain.model.vocab_size, data_rng);
+  Rng rng_a(5), rng_b(5);
+  Transformer a(plain, registry(), cpu_kernel(), rng_a), m(with_mtp, registry(), cpu_kernel(), rng_b);
+  // The main model is initialised first, from the same stream, so the main losses agree exactly.
+  CHECK(a.forward(b.inputs, b.targets, b.batch, true, 1) == m.forward(b.inputs, b.targets, b.batch, true, 1));
+  CHECK(a.mtp_loss() == 0);
+  CHECK(m.mtp_loss() > 0);
+  CHECK(std::abs(m.mtp_loss() - std::log(13.0)) < 1.5);
 }

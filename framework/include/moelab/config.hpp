@@ -75,6 +75,7 @@ struct ModelConfig {
   bool norm_bias = false;  // layernorm with a bias (2d per norm instead of d)
   bool tied_embeddings = false;
   int64_t mtp_modules = 0;  // DeepSeek-V3 multi-token prediction modules, counted apart
+  double mtp_loss_weight = 0.3;  // lambda: loss = CE + lambda / D * sum of the D modules' CE (V3: 0.3, later 0.1)
   double rope_theta = 10000.0;
   double norm_eps = 1e-6;
   double init_std = 0.02;   // normal init of every projection and embedding

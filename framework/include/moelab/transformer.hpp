@@ -75,7 +75,9 @@ class Attention {
 // One pre-norm block.
 class Block {
  public:
-  Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  // `force_moe`: an MoE FFN whatever the layer pattern says (DeepSeek-V3's MTP layers).
+  Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng,
+        bool force_moe = false);
   Tensor forward(Ops& ops, const Tensor& x, const LayerInput& input);
   Tensor backward(Ops& ops, const Tensor& dy);
   void collect(const std::string& prefix, std::vector<std::pair<std::string, Parameter*>>& out);
@@ -88,6 +90,30 @@ class Block {
   std::unique_ptr<MoeLayer> moe_;
   Tensor x_, h_, attn_in_, ffn_in_;
   std::unique_ptr<ForwardContext> dense_ctx_;
+};
+
+// One DeepSeek-V3 multi-token prediction module (arXiv 2412.19437, sec. 2.2, eqs. 21-25): module
+// k combines the previous depth's hidden state at position i with the embedding of token i+k,
+//   h' = M [norm(h); norm(embed(t_{i+k}))],   h^k = Block(h'),
+// and predicts token i+k+1 through its own output norm and the main model's (shared) head.
+class MtpModule {
+ public:
+  MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  // h [R, d]: the previous depth's hidden states; e [R, d]: the shifted tokens' embeddings.
+  Tensor forward(Ops& ops, const Tensor& h, const Tensor& e, const LayerInput& input);
+  // dy [R, d] -> (dh, de).
+  std::pair<Tensor, Tensor> backward(Ops& ops, const Tensor& dy);
+  void collect(std::vector<std::pair<std::string, Parameter*>>& out);
+  Norm& out_norm() { return out_norm_; }
+  MoeLayer* moe() { return block_.moe(); }
+
+ private:
+  int64_t d_model_;
+  int64_t index_;  // the layer index it is saved under: after the main layers, as HF DeepSeek-V3 stores it
+  Norm h_norm_, e_norm_, out_norm_;
+  Linear proj_;
+  Block block_;
+  Tensor h_, e_, joined_, projected_;
 };
 
 class Transformer : public Module {
@@ -106,6 +132,9 @@ class Transformer : public Module {
   void after_step();  // balancers' between-step updates (aux_free_bias)
 
   double aux_loss() const;
+  // Multi-token prediction: the modules' mean cross-entropy in the last forward (0 without MTP);
+  // backward() adds mtp_loss_weight times its gradient.
+  double mtp_loss() const { return mtp_loss_; }
   std::vector<MoeLayer*> moe_layers();
   std::vector<Parameter*> parameters() override;
   // Parameters by their name in checkpoints: "embed.weight", "layers.3.attn.q.weight", ...
@@ -120,10 +149,21 @@ class Transformer : public Module {
   std::vector<std::unique_ptr<Block>> blocks_;
   Norm final_norm_;
   Linear head_;  // unused when tied
+  std::vector<std::unique_ptr<MtpModule>> mtp_;
   // Saved by forward.
   int64_t batch_ = 0, seq_len_ = 0;
   Tensor input_ids_, target_ids_, x0_, final_in_, final_out_, logits_, lse_;
   int64_t scored_ = 0;
+  struct MtpSaved {
+    Tensor token_ids, target_ids, hidden, normed, logits, lse;
+    int64_t scored = 0;
+  };
+  std::vector<MtpSaved> mtp_saved_;
+  double mtp_loss_ = 0;
+  // logits = x head^T and the cross-entropy of `targets`: returns the summed loss.
+  double head_forward(const Tensor& x, const Tensor& targets, Tensor& logits, Tensor& lse);
+  // dlogits = scale (softmax - onehot); accumulates the head's gradient, returns dx.
+  Tensor head_backward(const Tensor& x, const Tensor& targets, const Tensor& logits, const Tensor& lse, double scale);
 };
 
 // Why `config` cannot be trained as a language model (empty when it can): for each reason, the
