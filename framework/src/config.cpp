@@ -185,7 +185,9 @@ std::vector<SectionSchema> core_schema() {
         param_int("eval_every", 50, "steps between evaluations; 0: only after the last step").at_least(0),
         param_int("eval_batches", 4, "batches per evaluation").at_least(1),
         param_int("checkpoint_every", 0, "steps between checkpoints (moelab run --resume); 0: only at the end")
-            .at_least(0)}},
+            .at_least(0),
+        param_bool("keep_checkpoints", false,
+                   "keep every checkpoint as checkpoints/step_NNNNNNNN.safetensors beside the latest")}},
       {"data",
        {param_choice("kind", "markov", {"markov", "text", "tokens"},
                      "what a model with a vocabulary reads: the built-in multi-domain Markov corpus, UTF-8 text "
@@ -808,6 +810,7 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     if (values.has("eps")) t.eps = values.get_float("eps");
     check.require_positive(values, "train", "eps");
     if (values.has("checkpoint_every")) t.checkpoint_every = values.get_int("checkpoint_every");
+    if (values.has("keep_checkpoints")) t.keep_checkpoints = values.get_bool("keep_checkpoints");
     if (values.has("no_decay")) t.no_decay = values.get_string_list("no_decay");
     if (values.has("weight_decay")) t.weight_decay = values.get_float("weight_decay");
     if (values.has("grad_clip")) t.grad_clip = values.get_float("grad_clip");

@@ -335,8 +335,15 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
       metrics << json::serialize(m) << "\n";
       metrics.flush();
     }
-    if ((train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || step == train.steps || stop_now)
+    if ((train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || step == train.steps || stop_now) {
       save_checkpoint(run_dir, step, model, optimizer, params, *ops, running);
+      if (train.keep_checkpoints) {
+        // A copy of the file just written (and renamed into place), so it is complete too.
+        fs::create_directories(run_dir / "checkpoints");
+        fs::copy_file(run_dir / kCheckpoint, run_dir / "checkpoints" / fmt::format("step_{:08}.safetensors", step),
+                      fs::copy_options::overwrite_existing);
+      }
+    }
     if (progress) {
       const double steps_left = static_cast<double>(train.steps - step);
       progress(ProgressUpdate{step, train.steps, loss, tokens_per_second,

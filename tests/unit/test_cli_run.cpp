@@ -201,10 +201,13 @@ TEST_CASE("run refuses what the trainer cannot train, at the recipe's key, befor
 
 TEST_CASE("a language-model run writes its folder and checkpoint, and reports the corpus floor") {
   const fs::path dir = fresh_dir("lm");
-  const CommandResult r = run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs"));
+  const CommandResult r =
+      run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs") + " --set train.keep_checkpoints=true");
   CAPTURE(r.output);
   REQUIRE(r.status == 0);
   const fs::path run_dir = dir / "runs" / "lm";
+  for (const char* kept : {"step_00000008.safetensors", "step_00000016.safetensors", "step_00000024.safetensors"})
+    CHECK(fs::exists(run_dir / "checkpoints" / kept));
   for (const char* file : {"recipe.toml", "metrics.jsonl", "summary.json", "report.md", "checkpoint.safetensors"})
     CHECK(fs::exists(run_dir / file));
   const std::string summary = slurp(run_dir / "summary.json");

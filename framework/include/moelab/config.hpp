@@ -115,6 +115,7 @@ struct TrainConfig {
   int64_t eval_every = 50;     // 0 disables (the last step is always evaluated)
   int64_t eval_batches = 4;
   int64_t checkpoint_every = 0;  // 0: only at the end
+  bool keep_checkpoints = false;  // also keep each as checkpoints/step_NNNNNNNN.safetensors
   // The learning rate at `step` (1-based): warmup, then the schedule down to lr * min_lr_ratio.
   double lr_at(int64_t step) const;
 };
