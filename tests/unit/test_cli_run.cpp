@@ -261,6 +261,24 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   CHECK(run_moelab("run --resume " + quoted(dir / "empty")).status == 2);
   CHECK(run_moelab("run --resume " + quoted(dir / "nowhere")).status == 2);
   CHECK(run_moelab("run " + quoted(recipe) + " --stop-at zero").status == 2);
+
+  // A checkpoint that is cut short, or that belongs to another model, is a clear error.
+  REQUIRE(run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "bad") + " --stop-at 8").status == 0);
+  const fs::path bad = dir / "bad" / "lm";
+  std::string recipe_text = slurp(bad / "recipe.toml");
+  const auto at = recipe_text.find("d_model = 16");
+  REQUIRE(at != std::string::npos);
+  std::ofstream(bad / "recipe.toml") << recipe_text.replace(at, 12, "d_model = 24");
+  const CommandResult other = run_moelab("run --resume " + quoted(bad));
+  CAPTURE(other.output);
+  CHECK(other.status == 2);
+  CHECK(other.output.find("belongs to another model") != std::string::npos);
+  fs::resize_file(bad / "checkpoint.safetensors", fs::file_size(bad / "checkpoint.safetensors") / 2);
+  const CommandResult cut = run_moelab("run --resume " + quoted(bad));
+  CAPTURE(cut.output);
+  CHECK(cut.status == 2);
+  CHECK(cut.output.find("checkpoint.safetensors") != std::string::npos);
+  CHECK(fs::exists(bad / "checkpoint.safetensors"));  // a failed resume keeps the folder to try again
   fs::remove_all(dir);
 }
 
