@@ -525,6 +525,18 @@ class Validator {
   Diagnostics& diagnostics_;
 };
 
+// Element i of the path list `list_key`, resolved against the folder of the file that set it (an
+// override's pseudo-file: the working directory). `base_name` receives that file's name.
+fs::path resolve_recipe_path(const Recipe& recipe, const std::string& list_key, size_t i, const std::string& value,
+                             std::string* base_name) {
+  SourceLocation set_in = recipe.where(Recipe::index_path(list_key, i));
+  if (!set_in.known()) set_in = recipe.where(list_key);
+  const bool from_file = set_in.known() && set_in.file.front() != '<';
+  if (base_name) *base_name = from_file ? set_in.file : "the working directory";
+  const fs::path base = from_file ? fs::absolute(fs::path(set_in.file)).parent_path() : fs::current_path();
+  return (base / value).lexically_normal();
+}
+
 // [model] beyond d_model and dtype: the transformer around the MoE layers, and its cross-field rules.
 void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, ModelConfig& m) {
   if (!values.has("architecture")) return;  // a key had the wrong type: already reported
@@ -672,17 +684,12 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
       toml::array absolute_paths;
       for (size_t i = 0; i < paths.size(); ++i) {
         const std::string key = Recipe::index_path("plugins.paths", i);
-        SourceLocation set_in = recipe.where(key);
-        if (!set_in.known()) set_in = recipe.where("plugins.paths");
-        fs::path base = fs::current_path();
-        if (set_in.known() && set_in.file.front() != '<') base = fs::absolute(fs::path(set_in.file)).parent_path();
-        const fs::path folder = (base / paths[i]).lexically_normal();
+        std::string base_name;
+        const fs::path folder = resolve_recipe_path(recipe, "plugins.paths", i, paths[i], &base_name);
         std::error_code ec;
         if (!fs::is_directory(folder, ec))
-          check.error(
-              key, fmt::format("plugin folder '{}' does not exist", folder.string()),
-              fmt::format("'{}' is resolved against the folder of {}", paths[i],
-                          set_in.known() && set_in.file.front() != '<' ? set_in.file : "the working directory"));
+          check.error(key, fmt::format("plugin folder '{}' does not exist", folder.string()),
+                      fmt::format("'{}' is resolved against the folder of {}", paths[i], base_name));
         config.plugin_paths.push_back(folder);
         absolute_paths.push_back(folder.string());
       }
@@ -840,11 +847,7 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
       const std::vector<std::string>& paths = values.get_string_list("paths");
       toml::array absolute_paths;
       for (size_t i = 0; i < paths.size(); ++i) {
-        SourceLocation set_in = recipe.where(Recipe::index_path("data.paths", i));
-        if (!set_in.known()) set_in = recipe.where("data.paths");
-        fs::path base = fs::current_path();
-        if (set_in.known() && set_in.file.front() != '<') base = fs::absolute(fs::path(set_in.file)).parent_path();
-        const fs::path path = (base / paths[i]).lexically_normal();
+        const fs::path path = resolve_recipe_path(recipe, "data.paths", i, paths[i], nullptr);
         d.paths.push_back(path);
         absolute_paths.push_back(path.string());
       }

@@ -114,6 +114,12 @@ double mse(Ops& ops, const Tensor& y_hat, const Tensor& y, Tensor* grad) {
 
 }  // namespace
 
+std::string balancer_list(const MoeConfig& moe) {
+  std::string list;
+  for (const auto& choice : moe.balancers) list += (list.empty() ? "`" : ", `") + choice.type + "`";
+  return list.empty() ? std::string("none") : list;
+}
+
 std::string bar(double fraction, int width) {
   const int filled = static_cast<int>(std::lround(std::clamp(fraction, 0.0, 1.0) * width));
   return std::string(static_cast<size_t>(filled), '#') + std::string(static_cast<size_t>(width - filled), '.');
@@ -251,11 +257,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   std::string report = fmt::format("# {}\n\n{}\n\n", config.name, config.description.empty() ? "moelab run" : config.description);
   report += fmt::format("Router `{}`, experts `{}` ({} experts, top-{}), overflow `{}`, balancers: {}.\n\n",
                         config.moe.router.type, config.moe.experts.type, config.layer.num_experts, config.layer.top_k,
-                        overflow_name(config.moe.overflow), [&] {
-                          std::string b;
-                          for (const auto& c : config.moe.balancers) b += (b.empty() ? "" : ", ") + ("`" + c.type + "`");
-                          return b.empty() ? std::string("none") : b;
-                        }());
+                        overflow_name(config.moe.overflow), balancer_list(config.moe));
   report += "| figure | value |\n|---|---|\n";
   report += fmt::format("| steps | {} ({} tokens) |\n", config.train.steps, config.train.steps * tokens);
   report += fmt::format("| final train loss (mean of last {} steps) | {:.6f} |\n", tail, result.final_train_loss);

@@ -418,11 +418,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
                         config.model.n_layers, moe_layers.size(), config.model.d_model,
                         attention_name(config.model.attention), counts.total.sum(), counts.active.sum(),
                         config.moe.router.type, config.moe.experts.type, config.layer.num_experts, config.layer.top_k,
-                        overflow_name(config.moe.overflow), [&] {
-                          std::string b;
-                          for (const auto& c : config.moe.balancers) b += (b.empty() ? "" : ", ") + ("`" + c.type + "`");
-                          return b.empty() ? std::string("none") : b;
-                        }());
+                        overflow_name(config.moe.overflow), balancer_list(config.moe));
   report += "| figure | value |\n|---|---|\n";
   report += fmt::format("| steps | {} ({} tokens) |\n", train.steps, train.steps * tokens_per_step);
   report += fmt::format("| final train loss (mean of last {} steps) | {:.4f} nats |\n", running.recent_loss.size(),

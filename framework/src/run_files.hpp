@@ -14,6 +14,8 @@ namespace moelab {
 
 // One MoE layer's figures for metrics.jsonl: load, drops, f_i, P_i, MaxVio, entropy, dead experts.
 boost::json::object layer_json(const LayerStats& stats, const std::vector<int64_t>& dead);
+// "`switch_aux`, `z_loss`" (or "none"): the balancers of a layer, for reports.
+std::string balancer_list(const MoeConfig& moe);
 // "#####....." of `width` characters, `fraction` of them filled.
 std::string bar(double fraction, int width);
 // Writes `text` to `file`, replacing it; RuntimeError when it cannot.

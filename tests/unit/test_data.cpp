@@ -16,39 +16,19 @@
 #include "moelab/data.hpp"
 #include "moelab/error.hpp"
 #include "moelab/rng.hpp"
+#include "test_files.hpp"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+
+using test::ScratchFolder;
+using test::write_bytes;
 
 namespace {
 
 #define CHECK_CONTAINS(text, part) CHECK_MESSAGE((text).find(part) != std::string::npos, (text))
 
-// A fresh folder per test, removed afterwards.
-class ScratchFolder {
- public:
-  ScratchFolder() {
-    static int counter = 0;
-    path_ = fs::temp_directory_path() /
-            ("moelab-test-data-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~ScratchFolder() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
 
- private:
-  fs::path path_;
-};
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
 
 template <class Token>
 void write_tokens(const fs::path& path, const std::vector<Token>& tokens) {
@@ -430,7 +410,7 @@ TEST_CASE("markov configuration errors say which key to change") {
 // Text files
 
 TEST_CASE("text: globs and files read in sorted order, byte tokens, split at the last eval_fraction") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   const std::string a = "h\xc3\xa9llo, ";                  // "héllo, ": 8 bytes
   const std::string b = "w\xc3\xb6rld o\xf0\x9f\x98\x80";  // "wörld o😀": 12 bytes
   write_bytes(scratch / "a.txt", a);
@@ -470,7 +450,7 @@ TEST_CASE("text: globs and files read in sorted order, byte tokens, split at the
 }
 
 TEST_CASE("text batches are a pure function of seed, split and index") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   Rng rng(3);
   std::string text;
   for (int i = 0; i < 5000; ++i) text += static_cast<char>('a' + rng.below(26));
@@ -482,7 +462,7 @@ TEST_CASE("text batches are a pure function of seed, split and index") {
 }
 
 TEST_CASE("text errors name the file and say what to do") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   write_bytes(scratch / "good.txt", "plenty of perfectly valid text for a window or two");
 
   const std::string no_match = usage_error([&] { make(files("text", {scratch / "*.md"}), 256); });
@@ -531,7 +511,7 @@ TEST_CASE("text errors name the file and say what to do") {
 // Token files
 
 TEST_CASE("tokens: u16 and u32 files round trip") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   const std::vector<uint16_t> first = {0, 1, 65535, 300, 7, 9, 11, 60000};
   const std::vector<uint16_t> second = {5, 4, 3, 2, 1, 0, 42, 65534, 8, 8, 8, 8};  // 20 tokens in all
   write_tokens(scratch / "shard_000.bin", first);
@@ -561,7 +541,7 @@ TEST_CASE("tokens: u16 and u32 files round trip") {
 }
 
 TEST_CASE("token batches are a pure function of seed, split and index") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   Rng rng(4);
   std::vector<uint16_t> tokens(6000);
   for (auto& token : tokens) token = static_cast<uint16_t>(rng.below(1000));
@@ -571,7 +551,7 @@ TEST_CASE("token batches are a pure function of seed, split and index") {
 }
 
 TEST_CASE("token file errors name the file, the offset and the value") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("data");
   write_bytes(scratch / "odd.bin", std::string(3, '\x01'));
   const std::string odd = usage_error([&] { make(files("tokens", {scratch / "odd.bin"}), 1000, 1); });
   CHECK_CONTAINS(odd, (scratch / "odd.bin").string());

@@ -14,44 +14,17 @@
 #include <sstream>
 
 #include "moelab/safetensors.hpp"
+#include "test_files.hpp"
 
 namespace fs = std::filesystem;
 using namespace moelab;
 
+using test::ScratchFolder;
+using test::write_bytes;
+
 namespace {
 
-// A fresh folder per test, removed afterwards.
-class ScratchFolder {
- public:
-  ScratchFolder() {
-    static int counter = 0;
-    path_ = fs::temp_directory_path() /
-            ("moelab-test-safetensors-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~ScratchFolder() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-  const fs::path& path() const { return path_; }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path_)) names.push_back(entry.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
 
- private:
-  fs::path path_;
-};
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
 
 std::string read_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -116,7 +89,7 @@ std::string entry(const std::string& name, const std::string& shape, uint64_t be
 }  // namespace
 
 TEST_CASE("every dtype, empty tensors and metadata survive a round trip") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   Tensor bf16 = host_tensor(DType::bf16, {2, 3});
   const uint16_t bf16_bits[] = {0x3f80, 0xbf80, 0x0000, 0x8000, 0x7f80, 0x4049};  // 1, -1, 0, -0, inf, ~3.14
   std::memcpy(bf16.raw(), bf16_bits, sizeof bf16_bits);
@@ -159,7 +132,7 @@ TEST_CASE("every dtype, empty tensors and metadata survive a round trip") {
 }
 
 TEST_CASE("a file with no tensors round trips") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   write_safetensors(scratch / "none.safetensors", {});
   CHECK(read_bytes(scratch / "none.safetensors") == le64(8) + "{}      ");
   const SafetensorsFile read = read_safetensors(scratch / "none.safetensors");
@@ -168,7 +141,7 @@ TEST_CASE("a file with no tensors round trips") {
 }
 
 TEST_CASE("written bytes match a file built by hand from the format description") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   // Header keys sorted by name with "__metadata__" first, compact JSON, fields in the order
   // dtype, shape, data_offsets, padded with spaces to a multiple of 8 (138 -> 144 bytes).
   // Data in the given order: b (I32 [2]) at [0, 8), then a (U8 [3]) at [8, 11).
@@ -199,7 +172,7 @@ TEST_CASE("written bytes match a file built by hand from the format description"
 
 TEST_CASE("reads the reference implementation's documented example file") {
   // From safetensors/src/tensor.rs (SafeTensors::deserialize docs): N = 60 ('<'), no padding.
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const std::string bytes = std::string("<\0\0\0\0\0\0\0", 8) +
                             R"({"test":{"dtype":"I32","shape":[2,2],"data_offsets":[0,16]}})" + std::string(16, '\0');
   write_bytes(scratch / "reference.safetensors", bytes);
@@ -211,7 +184,7 @@ TEST_CASE("reads the reference implementation's documented example file") {
 }
 
 TEST_CASE("F16 is widened to f32 exactly") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   // 1, -2, 65504 (largest half), 2^-24 (smallest subnormal), 2^-14 (smallest normal),
   // 0x03ff (largest subnormal), -0, +inf, -inf, NaN
   const uint16_t halves[] = {0x3c00, 0xc000, 0x7bff, 0x0001, 0x0400, 0x03ff, 0x8000, 0x7c00, 0xfc00, 0x7e00};
@@ -243,7 +216,7 @@ TEST_CASE("F16 is widened to f32 exactly") {
 }
 
 TEST_CASE("tensors come back in offset order whatever the header order") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const std::string header = "{" + entry("z_last", "[1]", 8, 12) + "," + entry("a_empty", "[0]", 4, 4) + "," +
                              entry("m_first", "[1]", 0, 4) + "," + entry("b_mid", "[1]", 4, 8) + "}";
   write_bytes(scratch / "order.safetensors", safetensors_bytes(header, std::string(12, '\0')));
@@ -252,7 +225,7 @@ TEST_CASE("tensors come back in offset order whatever the header order") {
 }
 
 TEST_CASE("at() names the file, the missing tensor and close names") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const fs::path file = scratch / "weights.safetensors";
   write_safetensors(file, {{"layers.0.w1", host_tensor<float>({2})},
                            {"layers.0.w2", host_tensor<float>({2})},
@@ -269,7 +242,7 @@ TEST_CASE("at() names the file, the missing tensor and close names") {
 }
 
 TEST_CASE("files that cannot be opened or are too short") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   std::string message = usage_error([&] { read_safetensors(scratch / "missing.safetensors"); });
   CHECK_CONTAINS(message, "missing.safetensors");
   CHECK_CONTAINS(message, "cannot open");
@@ -281,7 +254,7 @@ TEST_CASE("files that cannot be opened or are too short") {
 }
 
 TEST_CASE("header lengths larger than the file or absurdly large") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   CHECK_CONTAINS(read_error(scratch, le64(100'000'001) + "{}"),
                  "header length 100000001 is over the 100000000-byte limit");
   CHECK_CONTAINS(read_error(scratch, le64(~uint64_t{0}) + "{}"), "is over the 100000000-byte limit");
@@ -289,7 +262,7 @@ TEST_CASE("header lengths larger than the file or absurdly large") {
 }
 
 TEST_CASE("headers that are not valid JSON, not UTF-8, or not an object") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   // The parser stops at the '}' where a value was expected: byte 6 of the header.
   CHECK_CONTAINS(read_error(scratch, safetensors_bytes(R"({"a": })", "")),
                  "header is not valid JSON at line 1, column 7 (file byte 14)");
@@ -305,7 +278,7 @@ TEST_CASE("headers that are not valid JSON, not UTF-8, or not an object") {
 }
 
 TEST_CASE("tensor entries with missing keys, unknown keys or wrong JSON types") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   auto with_entry = [&](const std::string& body, const std::string& data = std::string(16, '\0')) {
     return read_error(scratch, safetensors_bytes("{\"w1\":" + body + "}", data));
   };
@@ -339,7 +312,7 @@ TEST_CASE("tensor entries with missing keys, unknown keys or wrong JSON types") 
 }
 
 TEST_CASE("shapes whose size overflows") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   auto with_shape = [&](const std::string& shape) {
     return read_error(scratch, safetensors_bytes("{" + entry("w1", shape, 0, 16) + "}", std::string(16, '\0')));
   };
@@ -353,7 +326,7 @@ TEST_CASE("shapes whose size overflows") {
 }
 
 TEST_CASE("offsets that disagree with the shape or leave the buffer") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   // The example from the brief, word for word.
   const fs::path file = scratch / "weights.safetensors";
   std::string message =
@@ -376,7 +349,7 @@ TEST_CASE("offsets that disagree with the shape or leave the buffer") {
 }
 
 TEST_CASE("overlapping tensors, holes and trailing bytes") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   CHECK_CONTAINS(
       read_error(scratch, safetensors_bytes("{" + entry("a", "[2]", 0, 8) + "," + entry("b", "[2]", 4, 12) + "}",
                                             std::string(12, '\0'))),
@@ -400,7 +373,7 @@ TEST_CASE("overlapping tensors, holes and trailing bytes") {
 }
 
 TEST_CASE("duplicate names and keys") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   CHECK_CONTAINS(
       read_error(scratch, safetensors_bytes("{" + entry("a", "[1]", 0, 4) + "," + entry("a", "[1]", 4, 8) + "}",
                                             std::string(8, '\0'))),
@@ -414,7 +387,7 @@ TEST_CASE("duplicate names and keys") {
 }
 
 TEST_CASE("malformed __metadata__") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   CHECK_CONTAINS(read_error(scratch, safetensors_bytes(R"({"__metadata__":["a"]})", "")),
                  "'__metadata__' must be an object of strings {\"key\": \"value\"}, got an array");
   CHECK_CONTAINS(read_error(scratch, safetensors_bytes(R"({"__metadata__":{"epochs":3}})", "")),
@@ -422,7 +395,7 @@ TEST_CASE("malformed __metadata__") {
 }
 
 TEST_CASE("truncated or corrupted files are errors, never crashes") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const fs::path good = scratch / "good.safetensors";
   write_safetensors(good,
                     {{"w", filled<float>({3, 2}, [](int64_t i) { return static_cast<float>(i); })},
@@ -461,7 +434,7 @@ TEST_CASE("truncated or corrupted files are errors, never crashes") {
 }
 
 TEST_CASE("a failed write leaves no file and an existing target unchanged") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const fs::path file = scratch / "weights.safetensors";
   const Tensor good = filled<float>({2}, [](int64_t i) { return static_cast<float>(i); });
   write_safetensors(file, {{"w", good}});
@@ -520,7 +493,7 @@ TEST_CASE("a failed write leaves no file and an existing target unchanged") {
 }
 
 TEST_CASE("writing replaces an existing file whole") {
-  ScratchFolder scratch;
+  ScratchFolder scratch("safetensors");
   const fs::path file = scratch / "weights.safetensors";
   write_safetensors(file, {{"big", host_tensor<double>({64})}});
   write_safetensors(file, {{"small", filled<int32_t>({1}, [](int64_t) { return 7; })}});

@@ -77,16 +77,12 @@ double total_loss(Transformer& model, const Batch& b, double mtp_weight = 0.3) {
   return ce + model.aux_loss() + mtp_weight * model.mtp_loss();
 }
 
-// Central differences on up to `samples` entries of every parameter; returns the worst relative
-// error against the analytic gradient. Gradients here are ~1e-2; below the 1e-4 floor the
-// differences' own rounding (~1e-10 absolute) would dominate a relative error.
-double worst_gradient_error(const std::string& model_extra, std::string* worst_name) {
-  const RunConfig config = config_of(recipe_text(model_extra));
+// Central differences on up to `samples` entries of every parameter (entries i * stride mod n);
+// returns the worst relative error against the analytic gradient. Gradients here are ~1e-2;
+// below the 1e-4 floor the differences' own rounding (~1e-10 absolute) would dominate.
+double worst_gradient_error(Transformer& model, const Batch& b, int64_t samples, int64_t stride,
+                            std::string* worst_name) {
   Ops& ops = cpu_kernel();
-  Rng rng(7);
-  Transformer model(config, registry(), ops, rng);
-  Rng data_rng(11);
-  const Batch b = random_batch(2, 5, config.model.vocab_size, data_rng);
   zero_grads(ops, model);
   total_loss(model, b);
   model.backward();
@@ -94,9 +90,8 @@ double worst_gradient_error(const std::string& model_extra, std::string* worst_n
   const double eps = 1e-6;
   for (auto& [name, p] : model.named_parameters()) {
     const int64_t n = p->value.numel();
-    const int64_t samples = std::min<int64_t>(n, 6);
-    for (int64_t s = 0; s < samples; ++s) {
-      const int64_t i = (s * 7919) % n;
+    for (int64_t s = 0; s < std::min<int64_t>(n, samples); ++s) {
+      const int64_t i = (s * stride) % n;
       double* w = p->value.data<double>();
       const double saved = w[i];
       w[i] = saved + eps;
@@ -114,6 +109,14 @@ double worst_gradient_error(const std::string& model_extra, std::string* worst_n
     }
   }
   return worst;
+}
+
+double worst_gradient_error(const std::string& model_extra, std::string* worst_name) {
+  const RunConfig config = config_of(recipe_text(model_extra));
+  Rng rng(7);
+  Transformer model(config, registry(), cpu_kernel(), rng);
+  Rng data_rng(11);
+  return worst_gradient_error(model, random_batch(2, 5, config.model.vocab_size, data_rng), 6, 7919, worst_name);
 }
 
 }  // namespace
@@ -147,7 +150,6 @@ TEST_CASE("transformer gradients match finite differences in double, for every m
 }
 
 TEST_CASE("transformer gradients with shared experts and DeepSeek-V3 routing") {
-  Ops& ops = cpu_kernel();
   std::string text = recipe_text("attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n");
   text.replace(text.find("type = \"softmax_topk\""), std::string("type = \"softmax_topk\"").size(),
                "type = \"sigmoid_grouped\"\nn_group = 2\ntopk_group = 1\nrouted_scaling_factor = 2.5");
@@ -155,27 +157,12 @@ TEST_CASE("transformer gradients with shared experts and DeepSeek-V3 routing") {
                "type = \"shared_routed\"\nnum_shared = 1");
   const RunConfig config = config_of(text);
   Rng rng(3);
-  Transformer model(config, registry(), ops, rng);
+  Transformer model(config, registry(), cpu_kernel(), rng);
   Rng data_rng(5);
-  const Batch b = random_batch(2, 4, config.model.vocab_size, data_rng);
-  zero_grads(ops, model);
-  total_loss(model, b);
-  model.backward();
-  double worst = 0;
-  for (auto& [name, p] : model.named_parameters()) {
-    for (int64_t s = 0; s < std::min<int64_t>(p->value.numel(), 4); ++s) {
-      const int64_t i = (s * 104729) % p->value.numel();
-      double* w = p->value.data<double>();
-      const double saved = w[i];
-      w[i] = saved + 1e-6;
-      const double plus = total_loss(model, b);
-      w[i] = saved - 1e-6;
-      const double minus = total_loss(model, b);
-      w[i] = saved;
-      const double numeric = (plus - minus) / 2e-6, analytic = p->grad.data<double>()[i];
-      worst = std::max(worst, std::abs(numeric - analytic) / std::max(1e-4, std::abs(numeric)));
-    }
-  }
+  std::string worst_name;
+  const double worst =
+      worst_gradient_error(model, random_batch(2, 4, config.model.vocab_size, data_rng), 4, 104729, &worst_name);
+  CAPTURE(worst_name);
   CHECK(worst < 1e-5);
 }
 
