@@ -192,6 +192,10 @@ std::vector<SectionSchema> core_schema() {
        {param_choice("kind", "markov", {"markov", "text", "tokens"},
                      "what a model with a vocabulary reads: the built-in multi-domain Markov corpus, UTF-8 text "
                      "files (byte tokens), or pre-tokenized uint16/uint32 token files"),
+        param_int("seed", -1,
+                  "seed of the corpus and the batches; -1: the run's seed (set it to vary only the model's "
+                  "initialisation and routing noise across seeds)")
+            .at_least(-1),
         param_int("domains", 4, "markov: sources, each its own random Markov chain; a sequence comes from one")
             .at_least(1),
         param_int("order", 1, "markov: tokens of context each source conditions on").at_least(1),
@@ -835,6 +839,7 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     const ParamSet values = check.params(*data, "data", schema_of(sections, "data"), {});
     DataConfig& d = config.data;
     if (values.has("kind")) d.kind = values.get_string("kind");
+    if (values.has("seed")) d.seed = values.get_int("seed");
     if (values.has("domains")) d.domains = values.get_int("domains");
     if (values.has("order")) d.order = values.get_int("order");
     if (values.has("branching")) d.branching = values.get_int("branching");

@@ -206,7 +206,8 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
   if (!problems.empty())
     throw UsageError(fmt::format("{}: {}; {}", problems[0].key, problems[0].message, problems[0].hint));
   const std::unique_ptr<TokenData> data =
-      make_token_data(config.data, config.model.vocab_size, train.seq_len + 1, config.seed);
+      make_token_data(config.data, config.model.vocab_size, train.seq_len + 1,
+                      config.data.seed >= 0 ? static_cast<uint64_t>(config.data.seed) : config.seed);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
   Rng root(config.seed);
   Transformer model(config, registry, *ops, root);

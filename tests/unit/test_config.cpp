@@ -518,3 +518,35 @@ TEST_CASE("core_schema: every section has its documented keys with defaults") {
   CHECK(train.get_float("lr") == 1e-3);
   CHECK(!find("moe.router")->params[0].default_value.has_value());
 }
+
+TEST_CASE("[train] and [data] of the language-model trainer are typed, defaulted and checked") {
+  const RunConfig config = config_of(kMinimal + R"(
+[train]
+schedule = "linear"
+warmup_steps = 5
+no_decay = ["embed"]
+checkpoint_every = 10
+[data]
+seed = 7
+kind = "text"
+paths = ["corpus/*.txt"]
+)",
+                                     "some/dir/run.toml");
+  CHECK(config.train.schedule == LrSchedule::linear);
+  CHECK(config.train.warmup_steps == 5);
+  CHECK(config.train.no_decay == std::vector<std::string>{"embed"});
+  CHECK(config.train.checkpoint_every == 10);
+  CHECK(config.data.seed == 7);
+  CHECK(config.data.paths.size() == 1);
+  CHECK(config.data.paths[0].is_absolute());
+  CHECK(config.data.paths[0].filename() == "*.txt");
+  CHECK(config.data.paths[0].parent_path().parent_path().filename() == "dir");  // relative to the recipe
+
+  const Diagnostics bad = errors_of(kMinimal + "[data]\nkind = \"tokens\"\n[train]\nschedule = \"step\"\nmin_lr_ratio = 2.0\n");
+  std::string all;
+  for (const auto& d : bad.items()) all += d.key + ": " + d.message + "\n";
+  CAPTURE(all);
+  CHECK(all.find("data.paths") != std::string::npos);
+  CHECK(all.find("train.schedule") != std::string::npos);
+  CHECK(all.find("train.min_lr_ratio") != std::string::npos);
+}

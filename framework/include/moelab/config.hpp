@@ -124,6 +124,7 @@ struct TrainConfig {
 // (seed, split, batch index), so a resumed run sees exactly the batches of an uninterrupted one.
 struct DataConfig {
   std::string kind = "markov";  // markov | text | tokens
+  int64_t seed = -1;  // seed of the corpus tables and of the batches; -1: the run's seed
   // markov: `domains` random order-`order` Markov sources over the model's vocabulary; from each
   // context a source moves to one of `branching` successors, with probabilities drawn from a
   // symmetric Dirichlet(`concentration`). Each sequence comes from one domain.
