@@ -1323,3 +1323,126 @@ TEST_CASE("the threads parameter sets OpenBLAS's thread count and results do not
     CHECK(max_rel_error(c, reference) <= tolerance<double>(202));
   }
 }
+
+// --- grouped GEMMs of few rows per group ------------------------------------------------------
+
+namespace {
+// Groups of 1 to 128 rows (1 to 512 for weight gradients) go to the cpu kernel's AVX-512
+// small-group kernels (f32, where the CPU has AVX-512; elsewhere OpenBLAS takes them and these
+// cases still hold): row counts around the 16-row vectors and the 128-row limit, empty groups, a
+// 200-row group (small for the weight gradient only) and a 600-row one that stays with OpenBLAS,
+// in the same call.
+const std::vector<int64_t> kSmallGroupRows = {17, 0, 1, 64, 5, 128, 48, 200, 63, 100, 600, 16};
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& rows) {
+  std::vector<int64_t> offsets{0};
+  for (const int64_t r : rows) offsets.push_back(offsets.back() + r);
+  return offsets;
+}
+}  // namespace
+
+TEST_CASE("small-group grouped_gemm matches the reference on fresh random inputs (f32)") {
+  // k: one pass and several (the forward kernel takes 1024 at a time, y = x w 128 rows of w per
+  // slice); n: below a vector, between blocks and panels, and wider than y = x w's 4096-column
+  // chunks. Every element within the bound of any summation order (bounded_error <= 1).
+  Ops& ops = cpu_kernel();
+  Rng rng(2101);
+  const std::vector<int64_t> offsets = offsets_of(kSmallGroupRows);
+  const int64_t groups = static_cast<int64_t>(kSmallGroupRows.size()), rows = offsets.back();
+  struct Size {
+    int64_t k, n;
+  };
+  for (const Size s : {Size{7, 5}, Size{70, 200}, Size{1030, 53}, Size{300, 97}, Size{9, 4200}})
+    for (bool trans_w : {false, true})
+      for (const auto& [alpha, beta] : {std::pair{1.0, 0.0}, std::pair{1.3, 0.5}}) {
+        CAPTURE(s.k);
+        CAPTURE(s.n);
+        CAPTURE(trans_w);
+        CAPTURE(beta);
+        const Tensor x = uniform<float>({rows, s.k}, rng);
+        const Tensor w = uniform<float>(trans_w ? Shape{groups, s.n, s.k} : Shape{groups, s.k, s.n}, rng);
+        Tensor y = beta == 0 ? garbage<float>({rows, s.n}) : uniform<float>({rows, s.n}, rng);
+        const std::vector<double> vx = values_of(x), vw = values_of(w), vy = values_of(y);
+        std::vector<double> expected(vy.size()), bound(vy.size());
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+          reference_gemm<float>(false, trans_w, count, s.n, s.k, alpha, vx.data() + begin * s.k,
+                                vw.data() + g * s.k * s.n, beta, vy.data() + begin * s.n, expected.data() + begin * s.n,
+                                bound.data() + begin * s.n);
+        }
+        ops.grouped_gemm(x, w, trans_w, offsets, alpha, beta, y);
+        CHECK(bounded_error(y, expected, bound) <= 1.0);
+      }
+}
+
+TEST_CASE("small-group grouped_gemm_weight_grad matches the reference on fresh random inputs (f32)") {
+  Ops& ops = cpu_kernel();
+  Rng rng(2102);
+  const std::vector<int64_t> offsets = offsets_of(kSmallGroupRows);
+  const int64_t groups = static_cast<int64_t>(kSmallGroupRows.size()), rows = offsets.back();
+  struct Size {
+    int64_t k, n;
+  };
+  for (const Size s : {Size{7, 5}, Size{70, 200}, Size{131, 53}})
+    for (bool trans_w : {false, true})
+      for (bool accumulate : {false, true}) {
+        CAPTURE(s.k);
+        CAPTURE(s.n);
+        CAPTURE(trans_w);
+        CAPTURE(accumulate);
+        const Tensor x = uniform<float>({rows, s.k}, rng);
+        const Tensor dy = uniform<float>({rows, s.n}, rng);
+        const Shape shape = trans_w ? Shape{groups, s.n, s.k} : Shape{groups, s.k, s.n};
+        Tensor dw = accumulate ? uniform<float>(shape, rng) : garbage<float>(shape);
+        const std::vector<double> vx = values_of(x), vdy = values_of(dy), vdw = values_of(dw);
+        std::vector<double> expected(vdw.size()), bound(vdw.size());
+        const int64_t size = s.k * s.n;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+          if (trans_w)
+            reference_gemm<float>(true, false, s.n, s.k, count, 1.0, vdy.data() + begin * s.n, vx.data() + begin * s.k,
+                                  accumulate ? 1.0 : 0.0, vdw.data() + g * size, expected.data() + g * size,
+                                  bound.data() + g * size);
+          else
+            reference_gemm<float>(true, false, s.k, s.n, count, 1.0, vx.data() + begin * s.k, vdy.data() + begin * s.n,
+                                  accumulate ? 1.0 : 0.0, vdw.data() + g * size, expected.data() + g * size,
+                                  bound.data() + g * size);
+        }
+        ops.grouped_gemm_weight_grad(x, dy, trans_w, offsets, accumulate, dw);
+        CHECK(bounded_error(dw, expected, bound) <= 1.0);
+      }
+}
+
+// Last, with the test above it, because the threads parameter sets OpenBLAS's process-wide count.
+TEST_CASE("small-group grouped GEMMs give bit-identical results on 1 and 3 threads") {
+  // Enough work to be split (the kernels thread above ~8 MFLOP): every element is summed by one
+  // thread in one order whatever the split. Only groups the small-group kernels take: OpenBLAS's
+  // results may change with its thread count (another kernel for small single-threaded GEMMs).
+  const std::shared_ptr<Ops> serial = load_kernel("cpu", {{"threads", int64_t{1}}});
+  const std::shared_ptr<Ops> split = load_kernel("cpu", {{"threads", int64_t{3}}});
+  Rng rng(2103);
+  const std::vector<int64_t> small_rows = {17, 0, 1, 64, 5, 128, 48, 63, 100, 16};
+  const std::vector<int64_t> offsets = offsets_of(small_rows);
+  const int64_t groups = static_cast<int64_t>(small_rows.size()), rows = offsets.back();
+  const int64_t k = 96, n = 1000;
+  const Tensor x = uniform<float>({rows, k}, rng), dy = uniform<float>({rows, n}, rng);
+  const Tensor w_nk = uniform<float>({groups, n, k}, rng), w_kn = uniform<float>({groups, k, n}, rng);
+  const Tensor dw_start = uniform<float>({groups, n, k}, rng);
+  const auto run = [&](Ops& ops) {
+    Tensor forward = garbage<float>({rows, n}), backward = garbage<float>({rows, k});
+    ops.grouped_gemm(x, w_nk, true, offsets, 1.0, 0.0, forward);
+    ops.grouped_gemm(dy, w_nk, false, offsets, 1.0, 0.0, backward);
+    Tensor through_kn = garbage<float>({rows, n});
+    ops.grouped_gemm(x, w_kn, false, offsets, 1.0, 0.0, through_kn);
+    Tensor dw = host_tensor(DType::f32, dw_start.shape());
+    ops.copy(dw_start, dw);
+    ops.grouped_gemm_weight_grad(x, dy, true, offsets, true, dw);
+    return std::vector<std::vector<double>>{values_of(forward), values_of(backward), values_of(through_kn),
+                                            values_of(dw)};
+  };
+  const auto one = run(*serial), many = run(*split);
+  for (size_t i = 0; i < one.size(); ++i) {
+    CAPTURE(i);
+    CHECK(one[i] == many[i]);
+  }
+}

@@ -12,10 +12,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cinttypes>
-#include <cstdlib>
 #include <chrono>
+#include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,17 +32,25 @@ struct BenchShape {
   int64_t tokens, d_model, d_ff, experts, top_k;
 };
 
-template <class F>
-double median_seconds(int repeats, F&& body) {
-  body();  // warm-up: first-touch allocation, OpenBLAS thread start
-  std::vector<double> times;
-  for (int i = 0; i < repeats; ++i) {
-    const auto start = Clock::now();
-    body();
-    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+// Median seconds of each body over `repeats` rounds, after one warm-up run of each (first-touch
+// allocation, OpenBLAS thread start). Each round runs every body once, back to back, so that the
+// dense reference and the layer are timed in the same minutes: on a shared machine the load
+// drifts, and timing one after the other's repeats would compare different machines.
+std::vector<double> median_seconds(int repeats, const std::vector<std::function<void()>>& bodies) {
+  for (const auto& body : bodies) body();
+  std::vector<std::vector<double>> times(bodies.size());
+  for (int round = 0; round < repeats; ++round)
+    for (size_t b = 0; b < bodies.size(); ++b) {
+      const auto start = Clock::now();
+      bodies[b]();
+      times[b].push_back(std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  std::vector<double> medians;
+  for (auto& t : times) {
+    std::sort(t.begin(), t.end());
+    medians.push_back(t[t.size() / 2]);
   }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return medians;
 }
 
 PluginChoice defaults(const PluginRegistry& registry, PluginKind kind, const std::string& name) {
@@ -94,8 +103,10 @@ int main(int argc, char** argv) {
     PluginRegistry registry = PluginRegistry::with_default_path();
     std::shared_ptr<Ops> ops = registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
-    std::printf("kernel %s, OPENBLAS_CORETYPE=%s, median of %d runs after one warm-up\n\n", kernel.c_str(),
-                coretype ? coretype : "(unset)", repeats);
+    std::printf(
+        "kernel %s, OPENBLAS_CORETYPE=%s, median of %d rounds (dense, forward, forward+backward "
+        "back to back) after one warm-up\n\n",
+        kernel.c_str(), coretype ? coretype : "(unset)", repeats);
     std::printf("| T | d | F | E | k | dense GFLOP/s | fwd GFLOP/s | fwd/dense | fwd+bwd GFLOP/s | fwd+bwd/dense |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     for (const BenchShape& s : shapes) {
@@ -141,25 +152,24 @@ int main(int argc, char** argv) {
       const Tensor w_down = ops->to_device(w_down_host);
       Tensor up = ops->empty(DType::f32, {rows, 2 * s.d_ff});
       Tensor down = ops->empty(DType::f32, {rows, s.d_model});
-      const double dense_seconds = median_seconds(repeats, [&] {
-        ops->gemm(false, false, 1.0, a, w_up, 0.0, up);
-        ops->gemm(false, false, 1.0, h, w_down, 0.0, down);
-        ops->synchronize();
-      });
-      const double dense_rate = expert_flops / dense_seconds;
-
       const LayerInput input{true, 1, 1, 0, nullptr};
-      const double forward_seconds = median_seconds(repeats, [&] {
-        layer.forward(x, input);
-        ops->synchronize();
-      });
-      const double both_seconds = median_seconds(repeats, [&] {
-        layer.forward(x, input);
-        layer.backward(dy);
-        ops->synchronize();
-      });
-      const double forward_rate = forward_flops / forward_seconds;
-      const double both_rate = 3.0 * forward_flops / both_seconds;
+      const std::vector<double> seconds = median_seconds(repeats, {[&] {
+                                                                     ops->gemm(false, false, 1.0, a, w_up, 0.0, up);
+                                                                     ops->gemm(false, false, 1.0, h, w_down, 0.0, down);
+                                                                     ops->synchronize();
+                                                                   },
+                                                                   [&] {
+                                                                     layer.forward(x, input);
+                                                                     ops->synchronize();
+                                                                   },
+                                                                   [&] {
+                                                                     layer.forward(x, input);
+                                                                     layer.backward(dy);
+                                                                     ops->synchronize();
+                                                                   }});
+      const double dense_rate = expert_flops / seconds[0];
+      const double forward_rate = forward_flops / seconds[1];
+      const double both_rate = 3.0 * forward_flops / seconds[2];
       std::printf("| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %.1f | %.1f | %.2f | %.1f | %.2f |\n", s.tokens, s.d_model, s.d_ff,
                   s.experts, s.top_k, dense_rate / 1e9, forward_rate / 1e9, forward_rate / dense_rate, both_rate / 1e9,
                   both_rate / dense_rate);
