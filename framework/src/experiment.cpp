@@ -120,6 +120,13 @@ std::string balancer_list(const MoeConfig& moe) {
   return list.empty() ? std::string("none") : list;
 }
 
+std::string drop_rows(const MoeConfig& moe, const RunResult& result) {
+  return fmt::format("| dropped assignments, training (capacity factor {}) | {:.2f}% |\n", moe.capacity_factor,
+                     100.0 * result.train_drop_fraction) +
+         fmt::format("| dropped assignments, evaluation (capacity factor {}) | {:.2f}% |\n", moe.eval_capacity_factor,
+                     100.0 * result.drop_fraction);
+}
+
 std::string bar(double fraction, int width) {
   const int filled = static_cast<int>(std::lround(std::clamp(fraction, 0.0, 1.0) * width));
   return std::string(static_cast<size_t>(filled), '#') + std::string(static_cast<size_t>(width - filled), '.');
@@ -263,10 +270,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   report += fmt::format("| final train loss (mean of last {} steps) | {:.6f} |\n", tail, result.final_train_loss);
   report += fmt::format("| eval loss | {:.6f} |\n", result.final_eval_loss);
   report += fmt::format("| loss floor (noise variance) | {:.6f} |\n", result.loss_floor);
-  report += fmt::format("| dropped assignments, training (capacity factor {}) | {:.2f}% |\n", config.moe.capacity_factor,
-                        100.0 * result.train_drop_fraction);
-  report += fmt::format("| dropped assignments, evaluation (capacity factor {}) | {:.2f}% |\n",
-                        config.moe.eval_capacity_factor, 100.0 * result.drop_fraction);
+  report += drop_rows(config.moe, result);
   report += fmt::format("| eval MaxVio | {:.3f} |\n", result.max_violation);
   report += fmt::format("| dead experts (no token in {} tokens) | {} |\n", config.moe.dead_expert_window,
                         dead.empty() ? std::string("none") : fmt::format("{}", fmt::join(dead, ", ")));

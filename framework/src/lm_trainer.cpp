@@ -430,10 +430,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
                           result.final_eval_loss - eval_optimal);
   if (std::isfinite(result.entropy_rate))
     report += fmt::format("| entropy rate of the source | {:.4f} nats/token |\n", result.entropy_rate);
-  report += fmt::format("| dropped assignments, training (capacity factor {}) | {:.2f}% |\n", config.moe.capacity_factor,
-                        100.0 * result.train_drop_fraction);
-  report += fmt::format("| dropped assignments, evaluation (capacity factor {}) | {:.2f}% |\n",
-                        config.moe.eval_capacity_factor, 100.0 * result.drop_fraction);
+  report += drop_rows(config.moe, result);
   report += fmt::format("| eval MaxVio (worst layer) | {:.3f} |\n", result.max_violation);
   report += fmt::format("| dead experts (no token in {} tokens), all layers | {} |\n", config.moe.dead_expert_window,
                         result.dead_experts);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "moelab/experiment.hpp"
 #include "moelab/moe_layer.hpp"
 
 namespace moelab {
@@ -16,6 +17,8 @@ namespace moelab {
 boost::json::object layer_json(const LayerStats& stats, const std::vector<int64_t>& dead);
 // "`switch_aux`, `z_loss`" (or "none"): the balancers of a layer, for reports.
 std::string balancer_list(const MoeConfig& moe);
+// The report's two table rows of dropped assignments, in training and in evaluation.
+std::string drop_rows(const MoeConfig& moe, const RunResult& result);
 // "#####....." of `width` characters, `fraction` of them filled.
 std::string bar(double fraction, int width);
 // Writes `text` to `file`, replacing it; RuntimeError when it cannot.

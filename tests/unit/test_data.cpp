@@ -22,6 +22,7 @@ namespace fs = std::filesystem;
 using namespace moelab;
 
 using test::ScratchFolder;
+using test::usage_error;
 using test::write_bytes;
 
 namespace {
@@ -37,16 +38,6 @@ void write_tokens(const fs::path& path, const std::vector<Token>& tokens) {
   write_bytes(path, bytes);
 }
 
-// The message of the UsageError `action` throws; fails the test when it throws nothing.
-std::string usage_error(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const UsageError& error) {
-    return error.what();
-  }
-  FAIL("expected a UsageError");
-  return {};
-}
 
 DataConfig markov(int64_t domains, int64_t order, int64_t branching, double concentration = 1.0) {
   DataConfig config;

@@ -1,4 +1,5 @@
-// Helpers for tests that write files: a scratch folder removed afterwards, and raw bytes.
+// Helpers for tests of file readers: a scratch folder removed afterwards, raw bytes, and the
+// message of the error a bad file must raise.
 #pragma once
 
 #include <doctest/doctest.h>
@@ -6,10 +7,13 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <string>
 #include <system_error>
 #include <vector>
+
+#include "moelab/error.hpp"
 
 namespace moelab::test {
 
@@ -47,6 +51,17 @@ inline void write_bytes(const std::filesystem::path& path, const std::string& by
   std::ofstream out(path, std::ios::binary);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   REQUIRE(out.good());
+}
+
+// The message of the UsageError `action` throws; fails the test when it throws nothing.
+inline std::string usage_error(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const UsageError& error) {
+    return error.what();
+  }
+  FAIL("expected a UsageError");
+  return {};
 }
 
 }  // namespace moelab::test

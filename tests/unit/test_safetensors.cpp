@@ -20,6 +20,7 @@ namespace fs = std::filesystem;
 using namespace moelab;
 
 using test::ScratchFolder;
+using test::usage_error;
 using test::write_bytes;
 
 namespace {
@@ -42,18 +43,6 @@ std::string le64(uint64_t value) {
 // A file with exactly this header text (no padding) and this data buffer.
 std::string safetensors_bytes(const std::string& header, const std::string& data) {
   return le64(header.size()) + header + data;
-}
-
-// The message of the UsageError `action` throws; fails the test when it throws nothing. Any other
-// exception escapes and fails the test too.
-std::string usage_error(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const UsageError& error) {
-    return error.what();
-  }
-  FAIL("expected a UsageError");
-  return {};
 }
 
 // Writes `bytes` to <scratch>/weights.safetensors and returns the message reading it gives;
