@@ -590,8 +590,8 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
   m.rope_theta = values.get_float("rope_theta");
   m.norm_eps = values.get_float("norm_eps");
   m.init_std = values.get_float("init_std");
-  if (m.rope_theta <= 0) check.error("model.rope_theta", fmt::format("must be > 0, got {}", m.rope_theta));
-  if (m.norm_eps <= 0) check.error("model.norm_eps", fmt::format("must be > 0, got {}", m.norm_eps));
+  check.require_positive(values, "model", "rope_theta");
+  check.require_positive(values, "model", "norm_eps");
 
   const bool encoder_decoder = m.architecture == Architecture::encoder_decoder;
   if (encoder_decoder && m.n_encoder_layers < 1)
