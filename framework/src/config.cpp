@@ -662,7 +662,8 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
 
   if (root.contains("sweep")) {
     check.error("sweep", "[sweep] describes several runs and this takes one",
-                "moelab check and moelab run expand the sweep; to look at one run, use moelab show --point N");
+                "moelab check and moelab run expand the sweep; to look at one run, use moelab show --point N or "
+                "moelab inspect --point N");
     diagnostics.throw_if_any();
   }
 

@@ -14,6 +14,7 @@
 #include "moelab/model_shape.hpp"
 #include "moelab/moe_layer.hpp"
 #include "moelab/recipe.hpp"
+#include "test_files.hpp"
 #include "test_support.hpp"
 
 using namespace moelab;
@@ -385,6 +386,31 @@ TEST_CASE("inspect rejects a bad --seq-len and works on the default recipe") {
   const CommandResult ok = run_moelab("inspect " + quoted(recipe));
   CHECK(ok.status == 0);
   CHECK(ok.output.find("routed_experts") != std::string::npos);
+}
+
+TEST_CASE("inspect --point describes one run of a sweep, the same as that run's overrides") {
+  ScratchFolder folder("inspect-sweep");
+  const fs::path recipe = folder.path() / "sweep.toml";
+  write_bytes(recipe, "extends = '" + (fs::path(MOELAB_SOURCE_DIR) / "recipes" / "default.toml").string() +
+                          "'\n[sweep]\n\"moe.num_experts\" = [4, 16]\n");
+  const CommandResult whole = run_moelab("inspect " + quoted(recipe));
+  CHECK(whole.status == 2);
+  CHECK(whole.output.find("--point N (1 to 2") != std::string::npos);
+  const CommandResult out_of_range = run_moelab("inspect " + quoted(recipe) + " --point 3");
+  CHECK(out_of_range.status == 2);
+  CHECK(out_of_range.output.find("from 1 to 2") != std::string::npos);
+  const fs::path plain = fs::path(MOELAB_SOURCE_DIR) / "recipes" / "default.toml";
+  for (const auto& [point, experts] : std::vector<std::pair<int, int>>{{1, 4}, {2, 16}}) {
+    const CommandResult swept = run_moelab("inspect " + quoted(recipe) + " --point " + std::to_string(point) + " --json", false);
+    const CommandResult set =
+        run_moelab("inspect " + quoted(plain) + " --set moe.num_experts=" + std::to_string(experts) + " --json", false);
+    REQUIRE(swept.status == 0);
+    REQUIRE(set.status == 0);
+    CHECK(swept.output.find("\"num_experts\":" + std::to_string(experts) + ",") != std::string::npos);
+    // The same figures apart from the name.
+    const auto figures = [](const std::string& json) { return json.substr(json.find("\"architecture\"")); };
+    CHECK(figures(swept.output) == figures(set.output));
+  }
 }
 
 TEST_CASE("without attention, a layer has only the norm before its FFN") {

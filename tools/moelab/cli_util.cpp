@@ -73,6 +73,21 @@ std::string help_text(const ArgSpec& spec) {
   return out;
 }
 
+std::optional<size_t> sweep_point(const ParsedArgs& parsed, size_t points) {
+  const auto text = parsed.option("--point");
+  if (!text) return std::nullopt;
+  size_t n = 0, used = 0;
+  try {
+    n = std::stoul(*text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text->size() || n < 1 || n > points)
+    throw UsageError(fmt::format("--point expects a number from 1 to {} (the recipe has {} run{}), got '{}'", points,
+                                 points, points == 1 ? "" : "s", *text));
+  return n - 1;
+}
+
 void print_error(const std::string& message) {
   std::string text = message;
   while (!text.empty() && text.back() == '\n') text.pop_back();

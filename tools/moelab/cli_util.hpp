@@ -44,6 +44,10 @@ std::string help_text(const ArgSpec& spec);
 // into a message and exit 1. Nothing escapes as an abort.
 int guarded(const std::function<int()>& body);
 
+// The 0-based index of the sweep point `--point N` names (N from 1 to `points`), or nullopt when
+// the option is absent; throws UsageError for anything else.
+std::optional<size_t> sweep_point(const ParsedArgs& parsed, size_t points);
+
 // Prints "moelab: error: ..." lines to stderr.
 void print_error(const std::string& message);
 

@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <optional>
+#include <vector>
 
 #include "cli_util.hpp"
 #include "moelab/model_shape.hpp"
@@ -80,14 +82,16 @@ int64_t parse_seq_len(const ParsedArgs& parsed) {
 
 int cmd_inspect(const Args& args) {
   const ArgSpec spec{
-      "moelab inspect RECIPE [--set KEY=VALUE]... [--seq-len N] [--json]",
+      "moelab inspect RECIPE [--set KEY=VALUE]... [--point N] [--seq-len N] [--json]",
       "Describes the model a recipe builds, without allocating it: total parameters, parameters\n"
       "active per token (all but the routed experts a token is not sent to), forward FLOPs per token\n"
       "(2 per multiply-add; attention scores with each query over N keys, default 4096) and parameter\n"
       "memory in f32, bf16 and fp8, broken down by embeddings, attention, dense FFN, routed experts,\n"
       "shared experts, routers, norms and head. The MoE layer's counts come from its real plugins built\n"
-      "on the meta kernel; multi-token prediction modules are reported apart from the total.",
+      "on the meta kernel; multi-token prediction modules are reported apart from the total. For a\n"
+      "recipe with a [sweep], --point N describes its N-th run (the order `moelab show` lists).",
       {{"--set", "override a recipe key, VALUE parsed as TOML (repeatable)"},
+       {"--point", "describe the N-th run of a sweep (1-based)"},
        {"--seq-len", "keys each query attends to, for the attention-score FLOPs (default 4096)"}},
       {{"--json", "print the figures as JSON"}},
       1,
@@ -98,7 +102,14 @@ int cmd_inspect(const Args& args) {
     return kExitOk;
   }
   const int64_t seq_len = parse_seq_len(parsed);
-  Recipe recipe = Recipe::load(parsed.positional[0], LoadOptions{parsed.all("--set")});
+  Recipe loaded = Recipe::load(parsed.positional[0], LoadOptions{parsed.all("--set")});
+  std::vector<Recipe::SweepPoint> points = loaded.expand_sweep();
+  const std::optional<size_t> point = sweep_point(parsed, points.size());
+  if (!point && points.size() > 1)
+    throw UsageError(fmt::format("{}: the recipe's [sweep] describes {} runs; name one with --point N (1 to {}; "
+                                 "moelab show lists them)",
+                                 parsed.positional[0], points.size(), points.size()));
+  Recipe& recipe = *points[point.value_or(0)].recipe;
   PluginRegistry registry = PluginRegistry::with_default_path();
   const RunConfig config = build_config(recipe, registry);
   const MoeLayerCounts moe = count_moe_layer(config, registry);
@@ -111,6 +122,7 @@ int cmd_inspect(const Args& args) {
   if (parsed.flag("--json")) {
     boost::json::object o;
     o["name"] = config.name;
+    if (point) o["sweep_point"] = {{"index", *point + 1}, {"of", points.size()}, {"label", points[*point].label}};
     o["architecture"] = architecture_name(m.architecture);
     o["attention"] = attention_name(m.attention);
     o["d_model"] = s.d_model;
@@ -155,6 +167,7 @@ int cmd_inspect(const Args& args) {
                   : "",
               static_cast<long long>(counts.moe_layers), static_cast<long long>(counts.dense_layers),
               static_cast<long long>(s.d_model), attention_name(m.attention));
+  if (point) std::printf("  sweep point %zu/%zu: %s\n", *point + 1, points.size(), points[*point].label.c_str());
   std::printf("  MoE: %lld experts (%s), top-%lld, router %s\n", static_cast<long long>(s.num_experts),
               config.moe.experts.type.c_str(), static_cast<long long>(s.top_k), config.moe.router.type.c_str());
   std::printf("  %-18s %18s %10s %18s %10s\n", "parameters", "total", "", "active per token", "");

@@ -129,19 +129,9 @@ int cmd_show(const Args& args) {
   v.diagnostics.throw_if_any();
 
   size_t first = 0, last = v.points.size();
-  if (auto point = parsed.option("--point")) {
-    size_t n = 0;
-    size_t used = 0;
-    try {
-      n = std::stoul(*point, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != point->size() || n < 1 || n > v.points.size())
-      throw UsageError(fmt::format("--point expects a number from 1 to {} (the recipe has {} run{}), got '{}'",
-                                   v.points.size(), v.points.size(), v.points.size() == 1 ? "" : "s", *point));
-    first = n - 1;
-    last = n;
+  if (const auto point = sweep_point(parsed, v.points.size())) {
+    first = *point;
+    last = *point + 1;
   }
   const bool sweep = v.points.size() > 1 || !v.points.front().label.empty();
   std::string out;
