@@ -1759,28 +1759,12 @@ class CpuOps final : public Ops {
   }
 
   void sigmoid(const Tensor& x, Tensor& y) override {
-    const OpCheck check("sigmoid", {{"x", &x}, {"y", &y}});
-    check.shape(y, "y", x.shape());
-    with_scalar(check.dtype(), [&]<class T>() {
-      const T* px = x.data<T>();
-      T* py = y.data<T>();
-      const int64_t size = x.numel();
-      for (int64_t i = 0; i < size; ++i) py[i] = stable_sigmoid(px[i]);
-    });
+    map_elements("sigmoid", x, y, [](auto v) { return stable_sigmoid(v); });
   }
 
   // dx (+)= y (1 - y) dy
   void sigmoid_backward(const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx) override {
-    const OpCheck check("sigmoid_backward", {{"y", &y}, {"dy", &dy}, {"dx", &dx}});
-    check.shape(dy, "dy", y.shape());
-    check.shape(dx, "dx", y.shape());
-    with_scalar(check.dtype(), [&]<class T>() {
-      const T* py = y.data<T>();
-      const T* pdy = dy.data<T>();
-      T* pdx = dx.data<T>();
-      const int64_t size = y.numel();
-      for (int64_t i = 0; i < size; ++i) store(accumulate, pdx, i, py[i] * (T(1) - py[i]) * pdy[i]);
-    });
+    map_gradient("sigmoid_backward", "y", y, dy, accumulate, dx, [](auto v, auto g) { return v * (1 - v) * g; });
   }
 
   // out [R] = max + log sum exp(x - max); an empty or all -inf row gives -inf, a row with +inf
@@ -1808,28 +1792,12 @@ class CpuOps final : public Ops {
   }
 
   void softplus(const Tensor& x, Tensor& y) override {
-    const OpCheck check("softplus", {{"x", &x}, {"y", &y}});
-    check.shape(y, "y", x.shape());
-    with_scalar(check.dtype(), [&]<class T>() {
-      const T* px = x.data<T>();
-      T* py = y.data<T>();
-      const int64_t size = x.numel();
-      for (int64_t i = 0; i < size; ++i) py[i] = stable_softplus(px[i]);
-    });
+    map_elements("softplus", x, y, [](auto v) { return stable_softplus(v); });
   }
 
   // dx (+)= sigmoid(x) dy
   void softplus_backward(const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx) override {
-    const OpCheck check("softplus_backward", {{"x", &x}, {"dy", &dy}, {"dx", &dx}});
-    check.shape(dy, "dy", x.shape());
-    check.shape(dx, "dx", x.shape());
-    with_scalar(check.dtype(), [&]<class T>() {
-      const T* px = x.data<T>();
-      const T* pdy = dy.data<T>();
-      T* pdx = dx.data<T>();
-      const int64_t size = x.numel();
-      for (int64_t i = 0; i < size; ++i) store(accumulate, pdx, i, stable_sigmoid(px[i]) * pdy[i]);
-    });
+    map_gradient("softplus_backward", "x", x, dy, accumulate, dx, [](auto v, auto g) { return stable_sigmoid(v) * g; });
   }
 
   // --- selection and movement -------------------------------------------------------------
@@ -1980,6 +1948,36 @@ class CpuOps final : public Ops {
     if (count > std::numeric_limits<int64_t>::max() / static_cast<int64_t>(dtype_size(dtype)))
       throw RuntimeError(fmt::format("cpu kernel: {}: shape {} has too many bytes", op, shape_str(shape)));
     return Tensor(blocks_->acquire(static_cast<size_t>(count) * dtype_size(dtype), zeroed), dtype, shape);
+  }
+
+  // y[i] = f(x[i]) for a y of x's shape.
+  template <class F>
+  static void map_elements(const char* op, const Tensor& x, Tensor& y, const F& f) {
+    const OpCheck check(op, {{"x", &x}, {"y", &y}});
+    check.shape(y, "y", x.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* px = x.data<T>();
+      T* py = y.data<T>();
+      const int64_t size = x.numel();
+      for (int64_t i = 0; i < size; ++i) py[i] = f(px[i]);
+    });
+  }
+
+  // dx[i] (+)= f(saved[i], dy[i]): the backward of an elementwise op from what its forward saved
+  // (its input or its output, named `saved_name` in errors).
+  template <class F>
+  static void map_gradient(const char* op, const char* saved_name, const Tensor& saved, const Tensor& dy,
+                           bool accumulate, Tensor& dx, const F& f) {
+    const OpCheck check(op, {{saved_name, &saved}, {"dy", &dy}, {"dx", &dx}});
+    check.shape(dy, "dy", saved.shape());
+    check.shape(dx, "dx", saved.shape());
+    with_scalar(check.dtype(), [&]<class T>() {
+      const T* ps = saved.data<T>();
+      const T* pdy = dy.data<T>();
+      T* pdx = dx.data<T>();
+      const int64_t size = saved.numel();
+      for (int64_t i = 0; i < size; ++i) store(accumulate, pdx, i, static_cast<T>(f(ps[i], pdy[i])));
+    });
   }
 
   // An integer dtype holds `value` only when it is a whole number in range.
