@@ -83,6 +83,7 @@ json::object layer_json(const LayerStats& s, const std::vector<int64_t>& dead) {
   o["load_fraction"] = json::array(s.load_fraction.begin(), s.load_fraction.end());  // f_i
   o["mean_prob"] = json::array(s.mean_prob.begin(), s.mean_prob.end());              // P_i
   o["max_violation"] = s.max_violation;
+  o["routed_max_violation"] = s.routed_max_violation;
   o["router_entropy"] = s.router_entropy;
   o["dead_experts"] = to_json(dead);
   json::object losses;

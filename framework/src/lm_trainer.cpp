@@ -49,7 +49,7 @@ void split_window(const TokenBatch& batch, std::vector<int32_t>& inputs, std::ve
 struct LayerTotals {
   std::vector<int64_t> tokens_per_expert, routed_per_expert;
   int64_t assignments = 0, dropped = 0, forwards = 0;
-  double max_violation = 0, router_entropy = 0;
+  double max_violation = 0, routed_max_violation = 0, router_entropy = 0;
 
   void add(const LayerStats& s) {
     if (tokens_per_expert.empty()) {
@@ -63,11 +63,15 @@ struct LayerTotals {
     assignments += s.assignments;
     dropped += s.dropped;
     max_violation += s.max_violation;
+    routed_max_violation += s.routed_max_violation;
     router_entropy += s.router_entropy;
     ++forwards;
   }
   double drop_fraction() const { return assignments > 0 ? static_cast<double>(dropped) / static_cast<double>(assignments) : 0.0; }
   double mean_max_violation() const { return forwards > 0 ? max_violation / static_cast<double>(forwards) : 0.0; }
+  double mean_routed_max_violation() const {
+    return forwards > 0 ? routed_max_violation / static_cast<double>(forwards) : 0.0;
+  }
   double mean_router_entropy() const { return forwards > 0 ? router_entropy / static_cast<double>(forwards) : 0.0; }
 };
 
@@ -325,8 +329,10 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
         json::object o;
         o["layer"] = moe_layers[l]->spec().layer_index;
         o["tokens_per_expert"] = json::array(t.tokens_per_expert.begin(), t.tokens_per_expert.end());
+        o["routed_per_expert"] = json::array(t.routed_per_expert.begin(), t.routed_per_expert.end());
         o["drop_fraction"] = t.drop_fraction();
         o["max_violation"] = t.mean_max_violation();
+        o["routed_max_violation"] = t.mean_routed_max_violation();
         o["router_entropy"] = t.mean_router_entropy();
         const std::vector<int64_t> dead = moe_layers[l]->dead_experts().dead();
         o["dead_experts"] = json::array(dead.begin(), dead.end());
@@ -365,7 +371,9 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
   result.final_eval_loss = last_eval.loss;
   result.train_drop_fraction = running.train_assignments > 0 ? running.train_dropped / running.train_assignments : 0;
   int64_t eval_assignments = 0, eval_dropped = 0;
+  double eval_routed_max_violation = 0;
   for (const LayerTotals& t : last_eval.layers) {
+    eval_routed_max_violation = std::max(eval_routed_max_violation, t.mean_routed_max_violation());
     eval_assignments += t.assignments;
     eval_dropped += t.dropped;
     result.max_violation = std::max(result.max_violation, t.mean_max_violation());
@@ -379,6 +387,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     o["layer"] = moe_layers[l]->spec().layer_index;
     o["eval_drop_fraction"] = last_eval.layers[l].drop_fraction();
     o["eval_max_violation"] = last_eval.layers[l].mean_max_violation();
+    o["eval_routed_max_violation"] = last_eval.layers[l].mean_routed_max_violation();
     o["eval_router_entropy"] = last_eval.layers[l].mean_router_entropy();
     o["dead_experts"] = json::array(dead.begin(), dead.end());
     layer_summary.push_back(std::move(o));
@@ -404,6 +413,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
   summary["train_drop_fraction"] = result.train_drop_fraction;
   summary["eval_drop_fraction"] = result.drop_fraction;
   summary["eval_max_violation"] = result.max_violation;
+  summary["eval_routed_max_violation"] = eval_routed_max_violation;
   summary["dead_experts"] = result.dead_experts;
   summary["moe_layers"] = std::move(layer_summary);
   summary["seconds"] = result.seconds;
@@ -432,6 +442,8 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     report += fmt::format("| entropy rate of the source | {:.4f} nats/token |\n", result.entropy_rate);
   report += drop_rows(config.moe, result);
   report += fmt::format("| eval MaxVio (worst layer) | {:.3f} |\n", result.max_violation);
+  report += fmt::format("| eval MaxVio of the routed load, before capacity (worst layer) | {:.3f} |\n",
+                        eval_routed_max_violation);
   report += fmt::format("| dead experts (no token in {} tokens), all layers | {} |\n", config.moe.dead_expert_window,
                         result.dead_experts);
   report += fmt::format("| time | {:.1f} s ({:.0f} tokens/s) |\n\n", result.seconds, result.tokens_per_second);

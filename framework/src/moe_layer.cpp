@@ -288,8 +288,9 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
   stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
   stats_.router_entropy = accumulate_prob_stats(probs_host, tokens, experts, stats_.mean_prob);
-  int64_t max_load = 0;
+  int64_t max_load = 0, max_routed = 0;
   for (int64_t e = 0; e < experts; ++e) {
+    max_routed = std::max(max_routed, stats_.routed_per_expert[static_cast<size_t>(e)]);
     if (stats_.assignments > 0)
       stats_.load_fraction[static_cast<size_t>(e)] =
           static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) / static_cast<double>(stats_.assignments);
@@ -297,6 +298,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   }
   const double mean_load = static_cast<double>(rows) / static_cast<double>(experts);
   stats_.max_violation = mean_load > 0 ? static_cast<double>(max_load) / mean_load - 1.0 : 0.0;
+  const double mean_routed = static_cast<double>(stats_.assignments) / static_cast<double>(experts);
+  stats_.routed_max_violation = mean_routed > 0 ? static_cast<double>(max_routed) / mean_routed - 1.0 : 0.0;
 
   saved->load.routed_per_expert = stats_.routed_per_expert;
   saved->load.tokens_per_expert = stats_.tokens_per_expert;

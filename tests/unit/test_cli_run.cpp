@@ -216,7 +216,7 @@ TEST_CASE("a language-model run writes its folder and checkpoint, and reports th
   CHECK(std::stod(field(summary, "final_eval_loss")) > std::stod(field(summary, "eval_optimal_loss")));
   const std::string metrics = slurp(run_dir / "metrics.jsonl");
   for (const char* key : {"\"optimal_loss\"", "\"grad_norm\"", "\"lr\"", "\"balancer_losses\"", "\"max_violation\"",
-                          "\"router_entropy\"", "\"dead_experts\"", "\"drop_fraction\""})
+                          "\"routed_max_violation\"", "\"router_entropy\"", "\"dead_experts\"", "\"drop_fraction\""})
     CHECK(metrics.find(key) != std::string::npos);
   CHECK(slurp(run_dir / "report.md").find("optimal loss on the eval windows") != std::string::npos);
   fs::remove_all(dir);

@@ -3,6 +3,7 @@
 // whole layer in double, just by existing.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 
@@ -227,6 +228,14 @@ TEST_CASE("capacity: first choices are served before second choices and drops ar
   }
   CHECK(s.dropped == s.assignments - processed);
   CHECK(s.drop_fraction == doctest::Approx(static_cast<double>(s.dropped) / 16.0));
+  // MaxVio twice: on the served load (capped at capacity 2 against a served mean of
+  // processed / 4) and on the routed load (16 / 4 = 4 a expert on average), counted by hand.
+  const int64_t max_routed = *std::max_element(s.routed_per_expert.begin(), s.routed_per_expert.end());
+  const int64_t max_served = *std::max_element(s.tokens_per_expert.begin(), s.tokens_per_expert.end());
+  CHECK(s.routed_max_violation == doctest::Approx(static_cast<double>(max_routed) / 4.0 - 1.0));
+  CHECK(s.max_violation == doctest::Approx(static_cast<double>(max_served) / (static_cast<double>(processed) / 4.0) - 1.0));
+  CHECK(max_routed > 2);  // this input overflows an expert, so the two figures differ
+  CHECK(s.routed_max_violation != doctest::Approx(s.max_violation));
 
   // Dropless processes everything; reroute drops no more than drop does.
   MoeConfig dropless = moe;
@@ -236,6 +245,7 @@ TEST_CASE("capacity: first choices are served before second choices and drops ar
   all.forward(x, LayerInput{});
   CHECK(all.stats().dropped == 0);
   CHECK(all.stats().tokens_per_expert == all.stats().routed_per_expert);
+  CHECK(all.stats().routed_max_violation == doctest::Approx(all.stats().max_violation));
   MoeConfig reroute = moe;
   reroute.overflow = Overflow::reroute;
   Rng rng3(7);

@@ -32,6 +32,10 @@ struct LayerStats {
   std::vector<double> mean_prob;      // P_i: mean router probability of expert i
   double router_entropy = 0;          // mean over tokens of -sum_e p log p
   double max_violation = 0;           // MaxVio: max load / mean load - 1 (processed load)
+  // The same on the routed load, before capacity: Wang et al. 2024's MaxVio (DeepSeek's
+  // auxiliary-loss-free balancing), which capacity drops cannot hide. Equal to max_violation
+  // when nothing is dropped or rerouted.
+  double routed_max_violation = 0;
   std::vector<std::pair<std::string, double>> balancer_losses;  // (balancer name, loss)
   double aux_loss = 0;                // sum of balancer losses
 };
