@@ -11,9 +11,11 @@
 
 #include "moelab/config.hpp"
 #include "moelab/registry.hpp"
+#include "test_support.hpp"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::contains;
 
 namespace {
 
@@ -76,10 +78,6 @@ Diagnostic only(const Diagnostics& diagnostics, const std::string& key) {
   INFO(diagnostics.format());
   REQUIRE_MESSAGE(count == 1, "expected one diagnostic for " << key);
   return *found;
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
 }
 
 }  // namespace

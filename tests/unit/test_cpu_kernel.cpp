@@ -67,17 +67,6 @@ Tensor indices_of(const std::vector<int32_t>& values) {
   return t;
 }
 
-// The message of the RuntimeError `f` throws; "" when it throws nothing (another exception type
-// escapes and fails the test).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const RuntimeError& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // max_i |actual_i - expected_i| / bound_i: at most 1 when every element is within its bound.
 double bounded_error(const Tensor& actual, const std::vector<double>& expected, const std::vector<double>& bound) {
   const std::vector<double> got = values_of(actual);

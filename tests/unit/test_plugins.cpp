@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "moelab/registry.hpp"
+#include "test_support.hpp"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::contains;
 
 namespace {
 
@@ -33,10 +35,6 @@ std::optional<PluginProblem> problem_for(const PluginRegistry& registry, const s
   for (const PluginProblem& p : registry.problems())
     if (p.file.filename() == filename) return p;
   return std::nullopt;
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
 }
 
 // Sets MOELAB_PLUGIN_PATH for one scope and restores what was there.

@@ -176,19 +176,6 @@ Tensor host_logits(Router& router, const Tensor& x) {
   return {};
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
 }  // namespace
 
 TEST_CASE("the router plugins are registered") {
@@ -601,12 +588,12 @@ TEST_CASE("routers reject bad settings with a message that names the parameter")
   const auto hash = make_router("hash", layer_spec(4, 1), {{"vocab_size", int64_t{10}}});
   const Tensor x = host_tensor(DType::f64, {3, 6});
   CHECK_THROWS_AS(route(*hash, x, Setting{}), UsageError);
-  CHECK(contains(error_of([&] { route(*hash, x, Setting{}); }), "no token ids"));
+  CHECK(contains(error_of<UsageError>([&] { route(*hash, x, Setting{}); }), "no token ids"));
   const Tensor bad_ids = tensor_of(DType::i32, {3}, {1, 10, 2});
   Setting s;
   s.token_ids = &bad_ids;
   CHECK_THROWS_AS(route(*hash, x, s), UsageError);
-  CHECK(contains(error_of([&] { route(*hash, x, s); }), "token 1 has id 10, outside"));
+  CHECK(contains(error_of<UsageError>([&] { route(*hash, x, s); }), "token 1 has id 10, outside"));
 
   // A malformed counts file: every bad line, by file:line:column.
   const std::filesystem::path file = std::filesystem::path(MOELAB_BINARY_DIR) / "test_routers_bad_counts.txt";
@@ -614,7 +601,7 @@ TEST_CASE("routers reject bad settings with a message that names the parameter")
     std::ofstream out(file);
     out << "# comment\n3 10\n  12 4\n3 1\nseven 2\n5 -1\n";
   }
-  const std::string message = error_of([&] {
+  const std::string message = error_of<UsageError>([&] {
     make_router("hash", layer_spec(4, 1),
                 {{"vocab_size", int64_t{10}}, {"mode", std::string("balanced")}, {"counts_file", file.string()}});
   });

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "moelab/error.hpp"
 #include "moelab/kernel.hpp"
 #include "moelab/module.hpp"
 #include "moelab/registry.hpp"
@@ -20,6 +21,22 @@
 namespace moelab::test {
 
 // The build's plugins (the default search path), scanned once per test process.
+// The message of the Error (RuntimeError by default; UsageError for bad settings and files) `f`
+// throws; "" when it throws nothing. Another exception type escapes and fails the test.
+template <class Error = RuntimeError>
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+inline bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
 inline const PluginRegistry& registry() {
   static const PluginRegistry instance = PluginRegistry::with_default_path();
   return instance;

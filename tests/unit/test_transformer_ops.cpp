@@ -56,21 +56,6 @@ Tensor f32_representable(const Tensor& host) {
   return converted(converted(host, DType::f32), DType::f64);
 }
 
-// The message of the RuntimeError `f` throws; "" when it throws nothing (another exception type
-// escapes and fails the test).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const RuntimeError& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
 // d/dx <dy, forward(x)> by finite differences against the backward's `analytic` gradient.
 void check_gradient(const std::string& what, const std::function<Tensor(const Tensor&)>& forward, const Tensor& x,
                     const Tensor& dy, const Tensor& analytic) {
