@@ -215,6 +215,23 @@ std::vector<SectionSchema> core_schema() {
 
 namespace {
 
+// field = the recipe's value of `key` when the recipe sets it; the struct's default stays
+// otherwise. The field's type picks the typed getter (the schema has already checked the value).
+template <class Field>
+void read_value(const ParamSet& values, const std::string& key, Field& field) {
+  if (!values.has(key)) return;
+  if constexpr (std::is_same_v<Field, bool>)
+    field = values.get_bool(key);
+  else if constexpr (std::is_integral_v<Field>)
+    field = static_cast<Field>(values.get_int(key));
+  else if constexpr (std::is_floating_point_v<Field>)
+    field = values.get_float(key);
+  else if constexpr (std::is_constructible_v<Field, std::string>)  // strings, paths
+    field = Field(values.get_string(key));
+  else
+    field = values.get_string_list(key);
+}
+
 const ParamSchema& schema_of(const std::vector<SectionSchema>& sections, const std::string& key) {
   for (const auto& s : sections)
     if (s.key == key) return s.params;
@@ -714,19 +731,19 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   const size_t before_layer = check.errors();
   if (toml::table* model = check.section(root, "", "model")) {
     const ParamSet values = check.params(*model, "model", schema_of(sections, "model"), {});
-    if (values.has("d_model")) config.model.d_model = values.get_int("d_model");
+    read_value(values, "d_model", config.model.d_model);
     if (values.has("dtype")) config.model.dtype = values.get_string("dtype") == "f64" ? DType::f64 : DType::f32;
     read_model(check, recipe, values, config.model);
   }
   if (toml::table* reference = check.section(root, "", "reference")) {
     const ParamSet values = check.params(*reference, "reference", schema_of(sections, "reference"), {});
     ReferenceConfig& r = config.reference;
-    if (values.has("published_total_params")) r.published_total_params = values.get_int("published_total_params");
-    if (values.has("published_active_params")) r.published_active_params = values.get_int("published_active_params");
-    if (values.has("published_precision")) r.published_precision = values.get_int("published_precision");
-    if (values.has("source")) r.source = values.get_string("source");
-    if (values.has("counts")) r.counts = values.get_string("counts");
-    if (values.has("known_deviation")) r.known_deviation = values.get_string("known_deviation");
+    read_value(values, "published_total_params", r.published_total_params);
+    read_value(values, "published_active_params", r.published_active_params);
+    read_value(values, "published_precision", r.published_precision);
+    read_value(values, "source", r.source);
+    read_value(values, "counts", r.counts);
+    read_value(values, "known_deviation", r.known_deviation);
   }
 
   // --- [moe] -------------------------------------------------------------------------------------
@@ -739,15 +756,15 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     check.require_positive(values, "moe", "capacity_factor");
     check.require_positive(values, "moe", "eval_capacity_factor");
     MoeConfig& m = config.moe;
-    if (values.has("num_experts")) m.num_experts = values.get_int("num_experts");
-    if (values.has("top_k")) m.top_k = values.get_int("top_k");
-    if (values.has("capacity_factor")) m.capacity_factor = values.get_float("capacity_factor");
-    if (values.has("eval_capacity_factor")) m.eval_capacity_factor = values.get_float("eval_capacity_factor");
+    read_value(values, "num_experts", m.num_experts);
+    read_value(values, "top_k", m.top_k);
+    read_value(values, "capacity_factor", m.capacity_factor);
+    read_value(values, "eval_capacity_factor", m.eval_capacity_factor);
     if (values.has("overflow")) {
       const std::string& o = values.get_string("overflow");
       m.overflow = o == "reroute" ? Overflow::reroute : o == "dropless" ? Overflow::dropless : Overflow::drop;
     }
-    if (values.has("dead_expert_window")) m.dead_expert_window = values.get_int("dead_expert_window");
+    read_value(values, "dead_expert_window", m.dead_expert_window);
     if (values.has("top_k") && values.has("num_experts") && m.top_k > m.num_experts) {
       const bool top_k_set = recipe.where("moe.top_k").known();
       check.error(top_k_set ? "moe.top_k" : "moe.num_experts",
@@ -805,49 +822,49 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     const ParamSet values = check.params(*train, "train", schema_of(sections, "train"), {});
     check.require_positive(values, "train", "lr");
     TrainConfig& t = config.train;
-    if (values.has("steps")) t.steps = values.get_int("steps");
-    if (values.has("batch_size")) t.batch_size = values.get_int("batch_size");
-    if (values.has("seq_len")) t.seq_len = values.get_int("seq_len");
-    if (values.has("lr")) t.lr = values.get_float("lr");
+    read_value(values, "steps", t.steps);
+    read_value(values, "batch_size", t.batch_size);
+    read_value(values, "seq_len", t.seq_len);
+    read_value(values, "lr", t.lr);
     if (values.has("schedule")) {
       const std::string& schedule = values.get_string("schedule");
       t.schedule = schedule == "constant" ? LrSchedule::constant
                    : schedule == "linear" ? LrSchedule::linear
                                           : LrSchedule::cosine;
     }
-    if (values.has("warmup_steps")) t.warmup_steps = values.get_int("warmup_steps");
-    if (values.has("min_lr_ratio")) t.min_lr_ratio = values.get_float("min_lr_ratio");
+    read_value(values, "warmup_steps", t.warmup_steps);
+    read_value(values, "min_lr_ratio", t.min_lr_ratio);
     if (values.has("beta1")) t.beta1 = values.get_float("beta1");
     if (values.has("beta2")) t.beta2 = values.get_float("beta2");
-    if (values.has("eps")) t.eps = values.get_float("eps");
+    read_value(values, "eps", t.eps);
     check.require_positive(values, "train", "eps");
-    if (values.has("checkpoint_every")) t.checkpoint_every = values.get_int("checkpoint_every");
-    if (values.has("keep_checkpoints")) t.keep_checkpoints = values.get_bool("keep_checkpoints");
-    if (values.has("no_decay")) t.no_decay = values.get_string_list("no_decay");
-    if (values.has("weight_decay")) t.weight_decay = values.get_float("weight_decay");
-    if (values.has("grad_clip")) t.grad_clip = values.get_float("grad_clip");
-    if (values.has("log_every")) t.log_every = values.get_int("log_every");
-    if (values.has("eval_every")) t.eval_every = values.get_int("eval_every");
-    if (values.has("eval_batches")) t.eval_batches = values.get_int("eval_batches");
+    read_value(values, "checkpoint_every", t.checkpoint_every);
+    read_value(values, "keep_checkpoints", t.keep_checkpoints);
+    read_value(values, "no_decay", t.no_decay);
+    read_value(values, "weight_decay", t.weight_decay);
+    read_value(values, "grad_clip", t.grad_clip);
+    read_value(values, "log_every", t.log_every);
+    read_value(values, "eval_every", t.eval_every);
+    read_value(values, "eval_batches", t.eval_batches);
   }
   if (toml::table* task = check.section(root, "", "task")) {
     const ParamSet values = check.params(*task, "task", schema_of(sections, "task"), {});
-    if (values.has("kind")) config.task.kind = values.get_string("kind");
-    if (values.has("clusters")) config.task.clusters = values.get_int("clusters");
-    if (values.has("noise")) config.task.noise = values.get_float("noise");
+    read_value(values, "kind", config.task.kind);
+    read_value(values, "clusters", config.task.clusters);
+    read_value(values, "noise", config.task.noise);
   }
   if (toml::table* data = check.section(root, "", "data")) {
     const ParamSet values = check.params(*data, "data", schema_of(sections, "data"), {});
     DataConfig& d = config.data;
-    if (values.has("kind")) d.kind = values.get_string("kind");
-    if (values.has("seed")) d.seed = values.get_int("seed");
-    if (values.has("domains")) d.domains = values.get_int("domains");
-    if (values.has("order")) d.order = values.get_int("order");
-    if (values.has("branching")) d.branching = values.get_int("branching");
-    if (values.has("concentration")) d.concentration = values.get_float("concentration");
+    read_value(values, "kind", d.kind);
+    read_value(values, "seed", d.seed);
+    read_value(values, "domains", d.domains);
+    read_value(values, "order", d.order);
+    read_value(values, "branching", d.branching);
+    read_value(values, "concentration", d.concentration);
     check.require_positive(values, "data", "concentration");
-    if (values.has("token_dtype")) d.token_dtype = values.get_string("token_dtype");
-    if (values.has("eval_fraction")) d.eval_fraction = values.get_float("eval_fraction");
+    read_value(values, "token_dtype", d.token_dtype);
+    read_value(values, "eval_fraction", d.eval_fraction);
     if (values.has("paths")) {
       // Relative to the file that set them, like [plugins] paths; globs are expanded by the reader.
       const std::vector<std::string>& paths = values.get_string_list("paths");
@@ -865,7 +882,7 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   }
   if (toml::table* output = check.section(root, "", "output")) {
     const ParamSet values = check.params(*output, "output", schema_of(sections, "output"), {});
-    if (values.has("dir")) config.output_dir = values.get_string("dir");
+    read_value(values, "dir", config.output_dir);
   }
 
   // --- the layer as the plugins see it, and their own cross-field rules ------------------------------
