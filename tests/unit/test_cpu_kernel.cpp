@@ -1331,9 +1331,9 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& rows) {
 }  // namespace
 
 TEST_CASE("small-group grouped_gemm matches the reference on fresh random inputs (f32)") {
-  // k: one pass and several (the forward kernel takes 1024 at a time, y = x w 128 rows of w per
-  // slice); n: below a vector, between blocks and panels, and wider than y = x w's 4096-column
-  // chunks. Every element within the bound of any summation order (bounded_error <= 1).
+  // k: one pass and several (the forward kernel takes 1024 at a time, y = x w 48 rows of w per
+  // sweep); n: below a vector, between blocks, and wider than y = x w's 4096-column row segments.
+  // Every element within the bound of any summation order (bounded_error <= 1).
   Ops& ops = cpu_kernel();
   Rng rng(2101);
   const std::vector<int64_t> offsets = offsets_of(kSmallGroupRows);

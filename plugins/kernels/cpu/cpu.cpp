@@ -553,9 +553,8 @@ void check_indices(const OpCheck& check, const Tensor& index, const char* name, 
 // With few routed rows per expert (64 experts, top-1: 64 rows each), OpenBLAS spends about as long
 // packing each expert's weight (one pass over it in memory, writing a packed copy) as computing
 // with it, and the two do not overlap: its grouped GEMMs ran at ~0.5 of a dense GEMM of the same
-// FLOPs. The kernels below read each weight once, as part of the arithmetic, and rearrange only the
-// few rows of activations (or, for y = x w, small slices of the weight while the previous slice
-// is being used). They take the groups of 1 to kSmallGroupMaxRows rows (kSmallWeightGradMaxRows
+// FLOPs. The kernels below read each weight once, in place, as part of the arithmetic, and
+// rearrange only the few rows of activations. They take the groups of 1 to kSmallGroupMaxRows rows (kSmallWeightGradMaxRows
 // for weight gradients) of f32 grouped GEMMs where the CPU has AVX-512; OpenBLAS keeps the rest.
 // Every output element is summed by one thread in a fixed order, so results do not depend on the
 // thread count; they differ from OpenBLAS's in rounding only (another order of the same sums).
@@ -637,10 +636,26 @@ constexpr __mmask16 kAllLanes = 0xFFFF;
   }
 }
 
-// --- y = x w^T, w [n, k] (the forward GEMMs) ---
-// Computed transposed: ct[r][t] = sum_k w[r][k] * xt[k][t] for R weight rows (broadcast, each read
-// once, in order) and 16 NV rows of x, packed as xt [k][16 NV] and kept in L2.
-template <int R, int NV>
+// --- y = x w^T, w [n, k] (the forward GEMMs), and y = x w, w [k, n] (the input gradients) ---
+// Computed transposed: ct[r][t] = sum_i w(r, i) * xt[i][t] for R output columns r and 16 NV rows
+// t of x, x packed as xt [k][16 NV] and kept in L2. The weight is read in place, each element
+// broadcast once and used for every row of x in the pass, so it needs no copy and no second read
+// from memory:
+// - y = x w^T: w(r, i) = w[r * ldw + i], R weight rows each read in order over up to kNtDepth
+//   steps (R sequential streams);
+// - y = x w: w(r, i) = w[i * ldw + r], R adjacent floats of each weight row. Each cache line of
+//   the weight is shared by the ~3 tiles side by side that cover its 16 columns, so the tiles
+//   sweep whole row segments (the group's piece of the columns) kKnDepth weight rows at a time,
+//   with a prefetch a few tiles ahead; ct for the whole segment stays in L2 between the sweeps.
+//   That reads the weight as kKnDepth sequential streams. Measured at shape 3's input gradients
+//   (64 groups of ~64 rows, d = 768, F = 3072, 2 threads): 0.77 (dy w_out) and 0.83 (dpre w_in)
+//   of the dense rate, against 0.61 / 0.75 for copying 64-column panels of w for row tiles of x;
+//   deeper sweeps lose (0.5 at 64 rows of w_out's 12 KiB), so do shallower ones (0.7 at 16).
+constexpr int64_t kKnDepth = 48;
+// Prefetch distance in columns for y = x w: the line that the tile four to the right starts in.
+constexpr int64_t kKnPrefetchColumns = 24;
+
+template <int R, int NV, bool kWeightKN>
 [[MOELAB_AVX512]] inline void nt_tile(const float* xt, const float* w, int64_t ldw, int64_t depth, bool accumulate,
                                       float* ct) {
   constexpr int64_t width = NV * kLanes;
@@ -653,8 +668,14 @@ template <int R, int NV>
 #pragma GCC unroll 4
   for (int64_t i = 0; i < depth; ++i) {
     __m512 weight[R];
+    if constexpr (kWeightKN) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * ldw + kKnPrefetchColumns), _MM_HINT_T0);
 #pragma GCC unroll 64
-    for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(w[r * ldw + i]);
+      for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(w[i * ldw + r]);
+    } else {
+#pragma GCC unroll 64
+      for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(w[r * ldw + i]);
+    }
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const __m512 xv = _mm512_load_ps(xt + i * width + v * kLanes);
@@ -668,8 +689,11 @@ template <int R, int NV>
     for (int v = 0; v < NV; ++v) _mm512_store_ps(ct + r * width + v * kLanes, acc[r][v]);
 }
 
-// Weight rows per write-out block: a multiple of 16 (written 16 x 16 at a time) and of every R.
+// Weight rows per write-out block of y = x w^T: a multiple of 16 (written 16 x 16 at a time) and of
+// every R. y = x w's row segments are multiples of it too, short of n.
 constexpr int64_t kNtBlockRows = 48;
+// Widest row segment of y = x w: ct for 64 rows of x is then 1 MiB, within L2.
+constexpr int64_t kKnMaxColumns = 4096;
 // Rows of xt per pass: 1024 x 128 floats (512 KiB) at most, so that xt stays in L2.
 constexpr int64_t kNtDepth = 1024;
 // Rows of x per pass over the weight (8 vectors).
@@ -681,21 +705,25 @@ constexpr int nt_rows_per_tile(int nv) {
   return nv == 1 ? 12 : nv == 2 ? 8 : nv <= 4 ? 6 : nv <= 6 ? 4 : 3;
 }
 
-// y[t][j] = alpha * sum_i x[t][i] w[j][i] + beta * y[t][j] for the rows t < rows (<= 16 NV) of one
-// group and the weight rows j of [j_begin, j_begin + block); xt = x^T [k][16 NV], zero padded;
-// ct: scratch of kNtBlockRows * 16 NV floats, 64-byte aligned.
-template <int NV>
-[[MOELAB_AVX512]] void nt_block(const float* xt, int64_t rows, int64_t k, const float* w, int64_t j_begin,
+// y[t][j] = alpha * sum_i x[t][i] w(j, i) + beta * y[t][j] for the rows t < rows (<= 16 NV) of one
+// group and the output columns j of [j_begin, j_begin + block); xt = x^T [k][16 NV], zero padded;
+// ct: scratch of block * 16 NV floats, 64-byte aligned.
+template <int NV, bool kWeightKN>
+[[MOELAB_AVX512]] void nt_block(const float* xt, int64_t rows, int64_t k, const float* w, int64_t ldw, int64_t j_begin,
                                 int64_t block, float alpha, float beta, float* y, int64_t ldy, float* ct) {
   constexpr int R = nt_rows_per_tile(NV);
   constexpr int64_t width = NV * kLanes;
-  for (int64_t i0 = 0; i0 < k; i0 += kNtDepth) {
-    const int64_t depth = std::min(kNtDepth, k - i0);
+  constexpr int64_t max_depth = kWeightKN ? kKnDepth : kNtDepth;
+  for (int64_t i0 = 0; i0 < k; i0 += max_depth) {
+    const int64_t depth = std::min(max_depth, k - i0);
+    const auto tile_weight = [&](int64_t r) {
+      return kWeightKN ? w + i0 * ldw + j_begin + r : w + (j_begin + r) * ldw + i0;
+    };
     int64_t r = 0;
     for (; r + R <= block; r += R)
-      nt_tile<R, NV>(xt + i0 * width, w + (j_begin + r) * k + i0, k, depth, i0 > 0, ct + r * width);
+      nt_tile<R, NV, kWeightKN>(xt + i0 * width, tile_weight(r), ldw, depth, i0 > 0, ct + r * width);
     for (; r < block; ++r)
-      nt_tile<1, NV>(xt + i0 * width, w + (j_begin + r) * k + i0, k, depth, i0 > 0, ct + r * width);
+      nt_tile<1, NV, kWeightKN>(xt + i0 * width, tile_weight(r), ldw, depth, i0 > 0, ct + r * width);
   }
   // ct [block][width] holds y^T: write it out 16 x 16 at a time, what is left element by element.
   int64_t j0 = 0;
@@ -714,12 +742,13 @@ template <int NV>
     }
 }
 
-void nt_block_for(int64_t nv, const float* xt, int64_t rows, int64_t k, const float* w, int64_t j_begin, int64_t block,
-                  float alpha, float beta, float* y, int64_t ldy, float* ct) {
+template <bool kWeightKN>
+void nt_block_for(int64_t nv, const float* xt, int64_t rows, int64_t k, const float* w, int64_t ldw, int64_t j_begin,
+                  int64_t block, float alpha, float beta, float* y, int64_t ldy, float* ct) {
   switch (nv) {
 #define MOELAB_NT_CASE(NV) \
   case NV:                 \
-    return nt_block<NV>(xt, rows, k, w, j_begin, block, alpha, beta, y, ldy, ct);
+    return nt_block<NV, kWeightKN>(xt, rows, k, w, ldw, j_begin, block, alpha, beta, y, ldy, ct);
     MOELAB_NT_CASE(1)
     MOELAB_NT_CASE(2)
     MOELAB_NT_CASE(3)
@@ -753,166 +782,11 @@ void nt_block_for(int64_t nv, const float* xt, int64_t rows, int64_t k, const fl
   }
 }
 
-// --- y = x w, w [k, n] (the backward GEMMs for the input gradient) ---
-// acc[i][v] = sum_k xt[k][i] * wp[k][16v .. 16v+16] for TR rows of x (x^T packed as for
-// y = x w^T, broadcast) and a panel of 64 weight columns copied to wp [depth][64]: the weight's
-// rows are n floats apart (often a multiple of 4 KiB, so that read in place they would fall in
-// the same few L1 sets), and the copy is what reads the weight from memory. It is interleaved with
-// the arithmetic: while the row tiles work through one panel, they copy the next, one vector every
-// other step, reading a few rows ahead of a software prefetch.
-constexpr int64_t kNnPanelColumns = 64;
-constexpr int kNnRowsPerTile = 6;       // 6 x 4 accumulators, 6 broadcasts, one weight vector
-constexpr int64_t kNnDepth = 1024;      // weight rows per panel slice: 256 KiB, two of them in L2
-constexpr int64_t kNnPrefetchRows = 8;  // how far ahead of the copy the prefetch reads
-
-// Copies rows [i0, i0 + depth) of the 64-column panel at column c of w [k, n] (`columns` of them
-// real, the rest zero) into wp [depth][64], one vector per call.
-class PanelCopier {
- public:
-  PanelCopier() = default;
-  PanelCopier(const float* w, int64_t n, int64_t c, int64_t columns, int64_t i0, int64_t depth, float* wp)
-      : src_(w + i0 * n + c), n_(n), end_(depth * 4), columns_(columns), dst_(wp) {}
-  int64_t remaining() const { return end_ - next_; }
-  [[MOELAB_AVX512]] [[gnu::always_inline]] void copy_one() {
-    if (next_ >= end_) return;
-    const int64_t row = next_ / 4, v = next_ % 4;
-    const float* src = src_ + row * n_ + v * kLanes;
-    const int64_t ahead = std::min(kNnPrefetchRows, end_ / 4 - 1 - row);  // within the slice
-    _mm_prefetch(reinterpret_cast<const char*>(src + ahead * n_), _MM_HINT_T0);
-    const int64_t lanes = std::clamp<int64_t>(columns_ - v * kLanes, 0, kLanes);
-    _mm512_store_ps(dst_ + next_ * kLanes,
-                    lanes == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lane_mask(lanes), src));
-    ++next_;
-  }
-  [[MOELAB_AVX512]] void finish() {
-    while (next_ < end_) copy_one();
-  }
-
- private:
-  const float* src_ = nullptr;
-  int64_t n_ = 0, end_ = 0, columns_ = 0, next_ = 0;
-  float* dst_ = nullptr;
-};
-
-template <int TR, int NV>
-[[MOELAB_AVX512]] inline void nn_tile(const float* xt, int64_t xt_width, const float* wp, int64_t depth, __mmask16 last,
-                                      float alpha, float beta, float* y, int64_t ldy, PanelCopier& copier,
-                                      int64_t copies) {
-  __m512 acc[TR][NV];
-#pragma GCC unroll 64
-  for (int i = 0; i < TR; ++i)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < depth; ++k) {
-    if ((k & 1) == 0 && k / 2 < copies) copier.copy_one();
-    __m512 xs[TR];
-#pragma GCC unroll 64
-    for (int i = 0; i < TR; ++i) xs[i] = _mm512_set1_ps(xt[k * xt_width + i]);
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      const __m512 wv = _mm512_load_ps(wp + k * kNnPanelColumns + v * kLanes);
-#pragma GCC unroll 64
-      for (int i = 0; i < TR; ++i) acc[i][v] = _mm512_fmadd_ps(xs[i], wv, acc[i][v]);
-    }
-  }
-  // y = alpha acc + beta y. y rows are often a multiple of 4 KiB apart: every load of y comes
-  // before the first store, or each would wait on the store to the row above it (4K aliasing).
-#pragma GCC unroll 64
-  for (int i = 0; i < TR; ++i)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      acc[i][v] = _mm512_mul_ps(_mm512_set1_ps(alpha), acc[i][v]);
-      if (beta != 0)
-        acc[i][v] =
-            _mm512_fmadd_ps(_mm512_set1_ps(beta),
-                            _mm512_maskz_loadu_ps(v + 1 < NV ? kAllLanes : last, y + i * ldy + v * kLanes), acc[i][v]);
-    }
-#pragma GCC unroll 64
-  for (int i = 0; i < TR; ++i)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(y + i * ldy + v * kLanes, v + 1 < NV ? kAllLanes : last, acc[i][v]);
-}
-
-// All row tiles of one panel slice; `copier` copies the next slice meanwhile.
-template <int NV>
-[[MOELAB_AVX512]] void nn_panel(const float* xt, int64_t xt_width, int64_t rows, const float* wp, int64_t depth,
-                                __mmask16 last, float alpha, float beta, float* y, int64_t ldy, PanelCopier& copier) {
-  const int64_t tiles = (rows + kNnRowsPerTile - 1) / kNnRowsPerTile;
-  const int64_t copies = (copier.remaining() + tiles - 1) / tiles;
-  int64_t i = 0;
-  for (; i + kNnRowsPerTile <= rows; i += kNnRowsPerTile)
-    nn_tile<kNnRowsPerTile, NV>(xt + i, xt_width, wp, depth, last, alpha, beta, y + i * ldy, ldy, copier, copies);
-  switch (rows - i) {
-#define MOELAB_NN_TAIL(TR) \
-  case TR:                 \
-    return nn_tile<TR, NV>(xt + i, xt_width, wp, depth, last, alpha, beta, y + i * ldy, ldy, copier, copies);
-    MOELAB_NN_TAIL(1)
-    MOELAB_NN_TAIL(2)
-    MOELAB_NN_TAIL(3)
-    MOELAB_NN_TAIL(4)
-    MOELAB_NN_TAIL(5)
-#undef MOELAB_NN_TAIL
-    default:
-      return;
-  }
-}
-
-constexpr int64_t nn_scratch_floats() {
-  return 2 * kNnDepth * kNnPanelColumns;
-}
-
-// y[t][c] = alpha * sum_i x[t][i] w[i][c] + beta * y[t][c] for the rows of one group (xt = x^T
-// [k][xt_width]) and the columns c of [c_begin, c_end), c_begin a multiple of 64. Panel slices in
-// order, each copied while the previous one is in use. The first slice of k sets y (alpha, beta),
-// later ones add theirs.
-[[MOELAB_AVX512]] void nn_columns(const float* xt, int64_t xt_width, int64_t rows, int64_t k, const float* w, int64_t n,
-                                  int64_t c_begin, int64_t c_end, float alpha, float beta, float* y, float* scratch) {
-  struct Slice {
-    int64_t c, i0;
-  };
-  std::vector<Slice> slices;
-  // Slices of k outermost: the rows of xt a slice uses stay in L2 through all its panels.
-  for (int64_t i0 = 0; i0 < k; i0 += kNnDepth)
-    for (int64_t c = c_begin; c < c_end; c += kNnPanelColumns) slices.push_back({c, i0});
-  const auto copier_for = [&](size_t s, float* wp) {
-    const Slice& slice = slices[s];
-    return PanelCopier(w, n, slice.c, std::min(kNnPanelColumns, c_end - slice.c), slice.i0,
-                       std::min(kNnDepth, k - slice.i0), wp);
-  };
-  float* current = scratch;
-  float* next = scratch + kNnDepth * kNnPanelColumns;
-  copier_for(0, current).finish();
-  for (size_t s = 0; s < slices.size(); ++s) {
-    PanelCopier copier = s + 1 < slices.size() ? copier_for(s + 1, next) : PanelCopier();
-    const Slice& slice = slices[s];
-    const int64_t columns = std::min(kNnPanelColumns, c_end - slice.c);
-    const int64_t nv = (columns + kLanes - 1) / kLanes, depth = std::min(kNnDepth, k - slice.i0);
-    const __mmask16 last = lane_mask(columns - (nv - 1) * kLanes);
-    const float* xs = xt + slice.i0 * xt_width;
-    const float slice_beta = slice.i0 == 0 ? beta : 1.0f;
-    switch (nv) {
-#define MOELAB_NN_CASE(NV)                                                                             \
-  case NV:                                                                                             \
-    nn_panel<NV>(xs, xt_width, rows, current, depth, last, alpha, slice_beta, y + slice.c, n, copier); \
-    break;
-      MOELAB_NN_CASE(1)
-      MOELAB_NN_CASE(2)
-      MOELAB_NN_CASE(3)
-      MOELAB_NN_CASE(4)
-#undef MOELAB_NN_CASE
-    }
-    copier.finish();
-    std::swap(current, next);
-  }
-}
-
 // --- out (+)= a^T b, a [rows, p], b [rows, q], out [p, q] (the weight gradients) ---
 // acc[r][v] = sum_t at[r][t] * bp[t][16v .. 16v+16] for R rows of out (at = a^T, broadcast) and a
 // panel of 64 columns of b (bp [rows][64]); out is read and written once, row block after row
 // block. a and b are packed once per group (a^T [p][rows]; b in panels [q / 64][rows][64]): read in
-// place, their rows would fall in the same few L1 sets, as the weight's would in nn_columns.
+// place, their rows would fall in the same few L1 sets (rows a multiple of 4 KiB apart).
 constexpr int kTnRowsPerTile = 6;
 constexpr int64_t kTnPanelColumns = 64;
 
@@ -1049,63 +923,45 @@ void run_group_pieces(int threads, const std::vector<int64_t>& groups, int64_t e
 void small_grouped_gemm(int threads, const float* x, const float* w, bool trans_w, const std::vector<int64_t>& offsets,
                         const std::vector<int64_t>& groups, int64_t k, int64_t n, float alpha, float beta, float* y) {
   const auto rows_of = [&](int64_t g) { return offsets[g + 1] - offsets[g]; };
-  if (trans_w) {
-    // Passes of at most kNtMaxRows rows over each group's weight, the rows split evenly.
-    struct Pass {
-      int64_t group, begin, rows;
-    };
-    std::vector<Pass> passes;
-    std::vector<int64_t> pass_ids;
-    for (const int64_t g : groups) {
-      const int64_t rows = rows_of(g), count = (rows + kNtMaxRows - 1) / kNtMaxRows;
-      for (int64_t c = 0; c < count; ++c) {
-        pass_ids.push_back(static_cast<int64_t>(passes.size()));
-        passes.push_back({g, offsets[g] + rows * c / count, rows * (c + 1) / count - rows * c / count});
-      }
+  // Passes of at most kNtMaxRows rows over each group's weight, the rows split evenly.
+  struct Pass {
+    int64_t group, begin, rows;
+  };
+  std::vector<Pass> passes;
+  std::vector<int64_t> pass_ids;
+  for (const int64_t g : groups) {
+    const int64_t rows = rows_of(g), count = (rows + kNtMaxRows - 1) / kNtMaxRows;
+    for (int64_t c = 0; c < count; ++c) {
+      pass_ids.push_back(static_cast<int64_t>(passes.size()));
+      passes.push_back({g, offsets[g] + rows * c / count, rows * (c + 1) / count - rows * c / count});
     }
-    const auto vectors_of = [&](int64_t pass) { return (passes[pass].rows + kLanes - 1) / kLanes; };
-    const auto price = [&](int64_t pass) { return 2.0 * static_cast<double>(vectors_of(pass) * kLanes * k); };
-    run_group_pieces(threads, pass_ids, n, kNtBlockRows, price,
-                     [&](const std::vector<GroupPiece>& pieces, int64_t first, int64_t last) {
-                       float* xt = thread_scratch(0, k * kNtMaxRows);
-                       float* ct = thread_scratch(1, kNtBlockRows * kNtMaxRows);
-                       int64_t packed = -1;
-                       for (int64_t i = first; i < last; ++i) {
-                         const GroupPiece& piece = pieces[static_cast<size_t>(i)];
-                         const Pass& pass = passes[piece.group];
-                         const int64_t vectors = vectors_of(piece.group);
-                         if (piece.group != packed)
-                           pack_transposed(x + pass.begin * k, pass.rows, k, vectors * kLanes, xt);
-                         packed = piece.group;
-                         nt_block_for(vectors, xt, pass.rows, k, w + pass.group * n * k, piece.begin,
-                                      piece.end - piece.begin, alpha, beta, y + pass.begin * n, n, ct);
-                       }
-                     });
-    return;
   }
-  // Columns per piece: whole rows of the weight when there are groups enough to go round the
-  // threads, else a share of them (whole panels).
-  const int64_t pieces_per_group = std::max<int64_t>(
-      1, (4 * threads + static_cast<int64_t>(groups.size()) - 1) / static_cast<int64_t>(groups.size()));
-  const int64_t step =
-      std::max(kNnPanelColumns, (n / pieces_per_group + kNnPanelColumns - 1) / kNnPanelColumns * kNnPanelColumns);
-  const auto price = [&](int64_t g) { return 2.0 * static_cast<double>(rows_of(g) * k); };
-  int64_t max_width = 0;
-  for (const int64_t g : groups) max_width = std::max(max_width, (rows_of(g) + kLanes - 1) / kLanes * kLanes);
-  run_group_pieces(
-      threads, groups, n, step, price, [&](const std::vector<GroupPiece>& pieces, int64_t first, int64_t last) {
-        float* xt = thread_scratch(0, k * max_width);
-        float* scratch = thread_scratch(1, nn_scratch_floats());
-        int64_t packed = -1;
-        for (int64_t i = first; i < last; ++i) {
-          const GroupPiece& piece = pieces[static_cast<size_t>(i)];
-          const int64_t g = piece.group, begin = offsets[g], rows = rows_of(g);
-          const int64_t width = (rows + kLanes - 1) / kLanes * kLanes;
-          if (g != packed) pack_transposed(x + begin * k, rows, k, width, xt);
-          packed = g;
-          nn_columns(xt, width, rows, k, w + g * k * n, n, piece.begin, piece.end, alpha, beta, y + begin * n, scratch);
-        }
-      });
+  const auto vectors_of = [&](int64_t pass) { return (passes[pass].rows + kLanes - 1) / kLanes; };
+  const auto price = [&](int64_t pass) { return 2.0 * static_cast<double>(vectors_of(pass) * kLanes * k); };
+  // y = x w: whole rows of w per piece, or a share of them (multiples of kNtBlockRows) where there
+  // are too few passes to go round the threads or the rows are wider than kKnMaxColumns.
+  const int64_t pieces_per_pass = std::max<int64_t>(
+      1, (4 * threads + static_cast<int64_t>(passes.size()) - 1) / static_cast<int64_t>(passes.size()));
+  const int64_t kn_step = std::min(kKnMaxColumns, (n + pieces_per_pass - 1) / pieces_per_pass);
+  const int64_t step = trans_w ? kNtBlockRows : (kn_step + kNtBlockRows - 1) / kNtBlockRows * kNtBlockRows;
+  run_group_pieces(threads, pass_ids, n, step, price,
+                   [&](const std::vector<GroupPiece>& pieces, int64_t first, int64_t last) {
+                     float* xt = thread_scratch(0, k * kNtMaxRows);
+                     float* ct = thread_scratch(1, step * kNtMaxRows);
+                     int64_t packed = -1;
+                     for (int64_t i = first; i < last; ++i) {
+                       const GroupPiece& piece = pieces[static_cast<size_t>(i)];
+                       const Pass& pass = passes[piece.group];
+                       const int64_t vectors = vectors_of(piece.group);
+                       if (piece.group != packed)
+                         pack_transposed(x + pass.begin * k, pass.rows, k, vectors * kLanes, xt);
+                       packed = piece.group;
+                       const float* weight = w + pass.group * n * k;
+                       (trans_w ? nt_block_for<false> : nt_block_for<true>)(
+                           vectors, xt, pass.rows, k, weight, trans_w ? k : n, piece.begin, piece.end - piece.begin,
+                           alpha, beta, y + pass.begin * n, n, ct);
+                     }
+                   });
 }
 
 // dw[g] (+)= dy_g^T x_g (trans_w; dw [groups, n, k]) or x_g^T dy_g (dw [groups, k, n]) for the
