@@ -1316,13 +1316,13 @@ TEST_CASE("the threads parameter sets OpenBLAS's thread count and results do not
 // --- grouped GEMMs of few rows per group ------------------------------------------------------
 
 namespace {
-// Groups of 1 to 128 rows (1 to 512 for weight gradients) go to the cpu kernel's AVX-512
-// small-group kernels (f32, where the CPU has AVX-512; elsewhere OpenBLAS takes them and these
-// cases still hold): row counts around the 16-row vectors and the 128-row limit, rows past a
-// vector that go to the tail kernels (17, 100: 4 rows, 72: 8 rows; 25: 9 rows, rounded up), empty
-// groups, a 200-row group (small for the weight gradient only) and a 600-row one that stays with
-// OpenBLAS, in the same call.
-const std::vector<int64_t> kSmallGroupRows = {17, 0, 1, 64, 5, 128, 48, 200, 63, 100, 600, 16, 72, 25};
+// Groups of 1 to 128 rows (1 to 512 for weight gradients; up to 1024 in passes of 64 where the
+// weight fits in L2, as these do) go to the cpu kernel's AVX-512 small-group kernels (f32, where
+// the CPU has AVX-512; elsewhere OpenBLAS takes them and these cases still hold): row counts
+// around the 16-row vectors and the 128-row limit, rows past a vector that go to the tail kernels
+// (17, 100: 4 rows, 72: 8 rows; 25: 9 rows, rounded up), empty groups, 200 and 600 rows (passes
+// of 50 and 60) and 1100 rows, which stay with OpenBLAS, in the same call.
+const std::vector<int64_t> kSmallGroupRows = {17, 0, 1, 64, 5, 128, 48, 200, 63, 100, 600, 16, 72, 25, 1100};
 
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& rows) {
   std::vector<int64_t> offsets{0};
@@ -1411,7 +1411,7 @@ TEST_CASE("small-group grouped GEMMs give bit-identical results on 1 and 3 threa
   const std::shared_ptr<Ops> serial = load_kernel("cpu", {{"threads", int64_t{1}}});
   const std::shared_ptr<Ops> split = load_kernel("cpu", {{"threads", int64_t{3}}});
   Rng rng(2103);
-  const std::vector<int64_t> small_rows = {17, 0, 1, 64, 5, 128, 48, 63, 100, 16, 72, 25};
+  const std::vector<int64_t> small_rows = {17, 0, 1, 64, 5, 128, 48, 63, 100, 16, 72, 25, 300};
   const std::vector<int64_t> offsets = offsets_of(small_rows);
   const int64_t groups = static_cast<int64_t>(small_rows.size()), rows = offsets.back();
   const int64_t k = 96, n = 1000;
