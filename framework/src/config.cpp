@@ -834,8 +834,8 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     }
     read_value(values, "warmup_steps", t.warmup_steps);
     read_value(values, "min_lr_ratio", t.min_lr_ratio);
-    if (values.has("beta1")) t.beta1 = values.get_float("beta1");
-    if (values.has("beta2")) t.beta2 = values.get_float("beta2");
+    read_value(values, "beta1", t.beta1);
+    read_value(values, "beta2", t.beta2);
     read_value(values, "eps", t.eps);
     check.require_positive(values, "train", "eps");
     read_value(values, "checkpoint_every", t.checkpoint_every);
