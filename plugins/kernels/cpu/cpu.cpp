@@ -673,6 +673,20 @@ constexpr int64_t kKnDepth = 48;
 // Prefetch distance in columns for y = x w: the line that the tile four to the right starts in.
 constexpr int64_t kKnPrefetchColumns = 24;
 
+// One step of an R x NV register tile: acc[r][v] += broadcast[r] * vectors[16v .. 16v+16]. Shared
+// by the y = x w^T / y = x w tiles and the weight-gradient tiles, which differ only in where the
+// broadcasts and the vectors come from.
+template <int R, int NV>
+[[MOELAB_AVX512]] [[gnu::always_inline]] inline void tile_step(const __m512 (&broadcast)[R], const float* vectors,
+                                                               __m512 (&acc)[R][NV]) {
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __m512 vector = _mm512_load_ps(vectors + v * kLanes);
+#pragma GCC unroll 64
+    for (int r = 0; r < R; ++r) acc[r][v] = _mm512_fmadd_ps(vector, broadcast[r], acc[r][v]);
+  }
+}
+
 template <int R, int NV, bool kWeightKN>
 [[MOELAB_AVX512]] inline void nt_tile(const float* xt, const float* w, int64_t ldw, int64_t depth, bool accumulate,
                                       float* ct) {
@@ -694,12 +708,7 @@ template <int R, int NV, bool kWeightKN>
 #pragma GCC unroll 64
       for (int r = 0; r < R; ++r) weight[r] = _mm512_set1_ps(w[r * ldw + i]);
     }
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      const __m512 xv = _mm512_load_ps(xt + i * width + v * kLanes);
-#pragma GCC unroll 64
-      for (int r = 0; r < R; ++r) acc[r][v] = _mm512_fmadd_ps(xv, weight[r], acc[r][v]);
-    }
+    tile_step<R, NV>(weight, xt + i * width, acc);
   }
 #pragma GCC unroll 64
   for (int r = 0; r < R; ++r)
@@ -972,12 +981,7 @@ template <int R, int NV>
     __m512 as[R];
 #pragma GCC unroll 64
     for (int r = 0; r < R; ++r) as[r] = _mm512_set1_ps(at[r * rows + t]);
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      const __m512 bv = _mm512_load_ps(bp + t * kTnPanelColumns + v * kLanes);
-#pragma GCC unroll 64
-      for (int r = 0; r < R; ++r) acc[r][v] = _mm512_fmadd_ps(as[r], bv, acc[r][v]);
-    }
+    tile_step<R, NV>(as, bp + t * kTnPanelColumns, acc);
   }
 #pragma GCC unroll 64
   for (int r = 0; r < R; ++r)
