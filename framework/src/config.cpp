@@ -21,19 +21,26 @@ const char* architecture_name(Architecture architecture) {
 
 const char* attention_name(AttentionKind attention) {
   switch (attention) {
-    case AttentionKind::none: return "none";
-    case AttentionKind::mha: return "mha";
-    case AttentionKind::gqa: return "gqa";
-    case AttentionKind::mla: return "mla";
+    case AttentionKind::none:
+      return "none";
+    case AttentionKind::mha:
+      return "mha";
+    case AttentionKind::gqa:
+      return "gqa";
+    case AttentionKind::mla:
+      return "mla";
   }
   return "?";
 }
 
 const char* norm_name(NormKind norm) {
   switch (norm) {
-    case NormKind::none: return "none";
-    case NormKind::rmsnorm: return "rmsnorm";
-    case NormKind::layernorm: return "layernorm";
+    case NormKind::none:
+      return "none";
+    case NormKind::rmsnorm:
+      return "rmsnorm";
+    case NormKind::layernorm:
+      return "layernorm";
   }
   return "?";
 }
@@ -52,22 +59,29 @@ const char* overflow_name(Overflow overflow) {
 
 const char* lr_schedule_name(LrSchedule schedule) {
   switch (schedule) {
-    case LrSchedule::constant: return "constant";
-    case LrSchedule::cosine: return "cosine";
-    case LrSchedule::linear: return "linear";
+    case LrSchedule::constant:
+      return "constant";
+    case LrSchedule::cosine:
+      return "cosine";
+    case LrSchedule::linear:
+      return "linear";
   }
   return "?";
 }
 
 double TrainConfig::lr_at(int64_t step) const {
-  if (warmup_steps > 0 && step <= warmup_steps) return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
+  if (warmup_steps > 0 && step <= warmup_steps)
+    return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
   const double decay_steps = static_cast<double>(std::max<int64_t>(steps - warmup_steps, 1));
   const double progress = std::clamp(static_cast<double>(step - warmup_steps) / decay_steps, 0.0, 1.0);
   const double min_lr = lr * min_lr_ratio;
   switch (schedule) {
-    case LrSchedule::constant: return lr;
-    case LrSchedule::linear: return lr - (lr - min_lr) * progress;
-    case LrSchedule::cosine: return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(3.141592653589793 * progress));
+    case LrSchedule::constant:
+      return lr;
+    case LrSchedule::linear:
+      return lr - (lr - min_lr) * progress;
+    case LrSchedule::cosine:
+      return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(3.141592653589793 * progress));
   }
   return lr;
 }
@@ -166,8 +180,7 @@ std::vector<SectionSchema> core_schema() {
       {"train",
        {param_int("steps", 200, "optimiser steps").at_least(1),
         param_int("batch_size", 8, "sequences per step").at_least(1),
-        param_int("seq_len", 64, "tokens per sequence").at_least(1),
-        param_float("lr", 1e-3, "peak learning rate; > 0"),
+        param_int("seq_len", 64, "tokens per sequence").at_least(1), param_float("lr", 1e-3, "peak learning rate; > 0"),
         param_choice("schedule", "cosine", {"constant", "cosine", "linear"},
                      "after warmup: constant, cosine or linear decay to lr * min_lr_ratio at the last step"),
         param_int("warmup_steps", 0, "linear warmup from 0 to lr over these steps").at_least(0),
@@ -570,8 +583,8 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
       if (spec.name == key) return !(spec.default_value && *spec.default_value == values.values().at(key));
     return false;
   };
-  m.architecture = values.get_string("architecture") == "encoder_decoder" ? Architecture::encoder_decoder
-                                                                           : Architecture::decoder;
+  m.architecture =
+      values.get_string("architecture") == "encoder_decoder" ? Architecture::encoder_decoder : Architecture::decoder;
   m.vocab_size = values.get_int("vocab_size");
   m.n_layers = values.get_int("n_layers");
   m.n_encoder_layers = values.get_int("n_encoder_layers");
@@ -630,10 +643,10 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
                 "each key/value head serves n_heads / n_kv_heads query heads");
   if (m.attention != AttentionKind::none && m.attention != AttentionKind::mla && values.get_int("head_dim") == 0 &&
       m.d_model % m.n_heads != 0)
-    check.error("model.n_heads",
-                fmt::format("d_model ({}) is not divisible by n_heads ({}), so head_dim has no default",
-                            m.d_model, m.n_heads),
-                "set model.head_dim");
+    check.error(
+        "model.n_heads",
+        fmt::format("d_model ({}) is not divisible by n_heads ({}), so head_dim has no default", m.d_model, m.n_heads),
+        "set model.head_dim");
   if (m.attention != AttentionKind::mla)
     for (const char* key : {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"})
       if (non_default(key))

@@ -468,7 +468,6 @@ template <class... Args>
   throw UsageError(fmt::format("{}: {}", file.string(), fmt::format(format, std::forward<Args>(args)...)));
 }
 
-
 bool has_glob_characters(const std::string& pattern) {
   return pattern.find_first_of("*?[") != std::string::npos;
 }

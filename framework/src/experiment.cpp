@@ -1,9 +1,9 @@
 #include "moelab/experiment.hpp"
 
-#include <boost/json.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <boost/json.hpp>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -43,12 +43,14 @@ class RegressionTask {
       }
       for (int64_t j = 0; j < hidden_; ++j) {
         double s = 0;
-        for (int64_t i = 0; i < d_; ++i) s += w1_[static_cast<size_t>((c * hidden_ + j) * d_ + i)] * xt[static_cast<size_t>(i)];
+        for (int64_t i = 0; i < d_; ++i)
+          s += w1_[static_cast<size_t>((c * hidden_ + j) * d_ + i)] * xt[static_cast<size_t>(i)];
         h[static_cast<size_t>(j)] = std::max(0.0, s);
       }
       for (int64_t i = 0; i < d_; ++i) {
         double s = 0;
-        for (int64_t j = 0; j < hidden_; ++j) s += w2_[static_cast<size_t>((c * d_ + i) * hidden_ + j)] * h[static_cast<size_t>(j)];
+        for (int64_t j = 0; j < hidden_; ++j)
+          s += w2_[static_cast<size_t>((c * d_ + i) * hidden_ + j)] * h[static_cast<size_t>(j)];
         set_host_value(y, t * d_ + i, s + noise_ * rng.normal());
       }
     }
@@ -67,7 +69,9 @@ class RegressionTask {
   std::vector<double> centers_, w1_, w2_;
 };
 
-json::array to_json(const std::vector<int64_t>& v) { return json::array(v.begin(), v.end()); }
+json::array to_json(const std::vector<int64_t>& v) {
+  return json::array(v.begin(), v.end());
+}
 
 }  // namespace
 
@@ -145,14 +149,16 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   if (config.model.vocab_size > 0)
     return train_language_model(config, resolved_recipe, registry, run_dir, progress, options);
   if (options.resume || options.stop_at > 0)
-    throw UsageError("--resume and --stop-at need a language-model run (model.vocab_size > 0); the layer-only "
-                     "regression task trains in seconds and keeps no checkpoint");
+    throw UsageError(
+        "--resume and --stop-at need a language-model run (model.vocab_size > 0); the layer-only "
+        "regression task trains in seconds and keeps no checkpoint");
   write_text(run_dir / "recipe.toml", resolved_recipe);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
   Rng root(config.seed);
   MoeLayer layer(config.moe, config.layer, registry, *ops, root);
-  AdamWOptimizer optimizer(*ops, layer.parameters(),
-                           AdamWOptions{config.train.beta1, config.train.beta2, config.train.eps, config.train.weight_decay});
+  AdamWOptimizer optimizer(
+      *ops, layer.parameters(),
+      AdamWOptions{config.train.beta1, config.train.beta2, config.train.eps, config.train.weight_decay});
   const RegressionTask task(config.task, config.layer.d_model, config.seed);
   const int64_t tokens = config.train.batch_size * config.train.seq_len, d = config.layer.d_model;
   const DType dtype = config.layer.dtype;
@@ -262,7 +268,8 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
 
   // The report: what a researcher looks at first.
   const LayerStats& s = last_eval.last;
-  std::string report = fmt::format("# {}\n\n{}\n\n", config.name, config.description.empty() ? "moelab run" : config.description);
+  std::string report =
+      fmt::format("# {}\n\n{}\n\n", config.name, config.description.empty() ? "moelab run" : config.description);
   report += fmt::format("Router `{}`, experts `{}` ({} experts, top-{}), overflow `{}`, balancers: {}.\n\n",
                         config.moe.router.type, config.moe.experts.type, config.layer.num_experts, config.layer.top_k,
                         overflow_name(config.moe.overflow), balancer_list(config.moe));

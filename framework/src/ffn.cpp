@@ -67,15 +67,17 @@ std::unique_ptr<ForwardContext> GroupedFfn::forward(Ops& ops, const Tensor& x, c
   ops.grouped_gemm(x, w_in_.value, true, offsets, 1.0, 0.0, saved->pre);
   if (options_.bias) add_bias_per_segment(ops, b_in_.value, offsets, saved->pre);
   saved->hidden = ops.empty(x.dtype(), {rows, f});
-  if (options_.gated) ops.glu(options_.activation, saved->pre, saved->hidden);
-  else ops.activation(options_.activation, saved->pre, saved->hidden);
+  if (options_.gated)
+    ops.glu(options_.activation, saved->pre, saved->hidden);
+  else
+    ops.activation(options_.activation, saved->pre, saved->hidden);
   ops.grouped_gemm(saved->hidden, w_out_.value, true, offsets, 1.0, 0.0, y);
   if (options_.bias) add_bias_per_segment(ops, b_out_.value, offsets, y);
   return saved;
 }
 
-void GroupedFfn::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
-                          const ForwardContext& context, const Tensor& dy, Tensor& dx) {
+void GroupedFfn::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets, const ForwardContext& context,
+                          const Tensor& dy, Tensor& dx) {
   const auto& saved = dynamic_cast<const FfnSaved&>(context);
   const int64_t rows = x.dim(0), f = options_.d_ff;
   const int64_t f_in = options_.gated ? 2 * f : f;
@@ -87,8 +89,10 @@ void GroupedFfn::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>&
   Tensor dhidden = ops.empty(x.dtype(), {rows, f});
   ops.grouped_gemm(dy, w_out_.value, false, offsets, 1.0, 0.0, dhidden);
   Tensor dpre = ops.empty(x.dtype(), {rows, f_in});
-  if (options_.gated) ops.glu_backward(options_.activation, saved.pre, dhidden, dpre);
-  else ops.activation_backward(options_.activation, saved.pre, dhidden, false, dpre);
+  if (options_.gated)
+    ops.glu_backward(options_.activation, saved.pre, dhidden, dpre);
+  else
+    ops.activation_backward(options_.activation, saved.pre, dhidden, false, dpre);
   if (options_.bias) bias_grad_per_segment(ops, dpre, offsets, b_in_.grad);
   // pre = x W_in^T: dW_in[g] += dpre_g^T x_g, dx = dpre W_in
   ops.grouped_gemm_weight_grad(x, dpre, true, offsets, true, w_in_.grad);
@@ -117,8 +121,8 @@ std::unique_ptr<ForwardContext> FfnExperts::forward(Ops& ops, const Tensor& x, c
   return routed_.forward(ops, x, offsets, y);
 }
 
-void FfnExperts::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
-                          const ForwardContext& saved, const Tensor& dy, Tensor& dx) {
+void FfnExperts::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets, const ForwardContext& saved,
+                          const Tensor& dy, Tensor& dx) {
   routed_.backward(ops, x, offsets, saved, dy, dx);
 }
 

@@ -6,10 +6,10 @@
 // step), and the checkpoint holds every other piece of state (weights, AdamW moments and step,
 // the expert biases, the dead-expert trackers, the running figures of the summary), so a run
 // resumed from step s repeats the metrics of an uninterrupted run exactly.
-#include <boost/json.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <boost/json.hpp>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -67,7 +67,9 @@ struct LayerTotals {
     router_entropy += s.router_entropy;
     ++forwards;
   }
-  double drop_fraction() const { return assignments > 0 ? static_cast<double>(dropped) / static_cast<double>(assignments) : 0.0; }
+  double drop_fraction() const {
+    return assignments > 0 ? static_cast<double>(dropped) / static_cast<double>(assignments) : 0.0;
+  }
   double mean_max_violation() const { return forwards > 0 ? max_violation / static_cast<double>(forwards) : 0.0; }
   double mean_routed_max_violation() const {
     return forwards > 0 ? routed_max_violation / static_cast<double>(forwards) : 0.0;
@@ -90,7 +92,9 @@ json::object balancer_losses(std::vector<MoeLayer*>& layers) {
   return o;
 }
 
-json::value number_or_null(double v) { return std::isfinite(v) ? json::value(v) : json::value(nullptr); }
+json::value number_or_null(double v) {
+  return std::isfinite(v) ? json::value(v) : json::value(nullptr);
+}
 
 // The run's running figures that a checkpoint must carry for the summary to come out the same.
 struct Running {
@@ -135,9 +139,10 @@ int64_t load_checkpoint(const fs::path& run_dir, Transformer& model, AdamWOptimi
                         const std::vector<std::pair<std::string, Parameter*>>& params, Ops& ops, Running& running) {
   const fs::path file = run_dir / kCheckpoint;
   if (!fs::exists(file))
-    throw UsageError(fmt::format("{} has no {}: it was not written by a language-model run, or the run stopped "
-                                 "before its first checkpoint; start it again without --resume",
-                                 run_dir.string(), kCheckpoint));
+    throw UsageError(
+        fmt::format("{} has no {}: it was not written by a language-model run, or the run stopped "
+                    "before its first checkpoint; start it again without --resume",
+                    run_dir.string(), kCheckpoint));
   const SafetensorsFile ckpt = read_safetensors(file);
   auto meta = [&](const std::string& key) -> int64_t {
     auto it = ckpt.metadata.find(key);
@@ -152,10 +157,11 @@ int64_t load_checkpoint(const fs::path& run_dir, Transformer& model, AdamWOptimi
   auto restore = [&](const std::string& name, Tensor& into) {
     const Tensor& t = ckpt.at(name);
     if (t.shape() != into.shape() || t.dtype() != into.dtype())
-      throw UsageError(fmt::format("{}: '{}' is {}[{}], the recipe's model needs {}[{}]; the checkpoint belongs to "
-                                   "another model",
-                                   file.string(), name, dtype_name(t.dtype()), shape_str(t.shape()),
-                                   dtype_name(into.dtype()), shape_str(into.shape())));
+      throw UsageError(
+          fmt::format("{}: '{}' is {}[{}], the recipe's model needs {}[{}]; the checkpoint belongs to "
+                      "another model",
+                      file.string(), name, dtype_name(t.dtype()), shape_str(t.shape()), dtype_name(into.dtype()),
+                      shape_str(into.shape())));
     ops.copy(t, into);
   };
   for (size_t i = 0; i < params.size(); ++i) {
@@ -203,8 +209,7 @@ void truncate_metrics(const fs::path& file, int64_t step) {
 
 RunResult train_language_model(const RunConfig& config, const std::string& resolved_recipe,
                                const PluginRegistry& registry, const fs::path& run_dir,
-                               const std::function<void(const ProgressUpdate&)>& progress,
-                               const RunOptions& options) {
+                               const std::function<void(const ProgressUpdate&)>& progress, const RunOptions& options) {
   const TrainConfig& train = config.train;
   const std::vector<Unsupported> problems = transformer_unsupported(config);
   if (!problems.empty())
@@ -277,9 +282,10 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     optimizer.step(lr);
     model.after_step();
     if (!std::isfinite(loss))
-      throw RuntimeError(fmt::format("the training loss is {} at step {}; lower train.lr (now {}) or raise "
-                                     "train.warmup_steps",
-                                     loss, step, train.lr));
+      throw RuntimeError(
+          fmt::format("the training loss is {} at step {}; lower train.lr (now {}) or raise "
+                      "train.warmup_steps",
+                      loss, step, train.lr));
     running.recent_loss.push_back(loss);
     if (static_cast<int64_t>(running.recent_loss.size()) > train.log_every)
       running.recent_loss.erase(running.recent_loss.begin());
@@ -378,7 +384,8 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     eval_dropped += t.dropped;
     result.max_violation = std::max(result.max_violation, t.mean_max_violation());
   }
-  result.drop_fraction = eval_assignments > 0 ? static_cast<double>(eval_dropped) / static_cast<double>(eval_assignments) : 0;
+  result.drop_fraction =
+      eval_assignments > 0 ? static_cast<double>(eval_dropped) / static_cast<double>(eval_assignments) : 0;
   json::array layer_summary;
   for (size_t l = 0; l < moe_layers.size(); ++l) {
     const std::vector<int64_t> dead = moe_layers[l]->dead_experts().dead();
@@ -422,14 +429,15 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
   write_text(run_dir / "summary.json", json::serialize(summary) + "\n");
 
   // The report: what a researcher reads first.
-  std::string report = fmt::format("# {}\n\n{}\n\n", config.name, config.description.empty() ? "moelab run" : config.description);
+  std::string report =
+      fmt::format("# {}\n\n{}\n\n", config.name, config.description.empty() ? "moelab run" : config.description);
   report += fmt::format("Data: {}.\n\n", data->describe());
-  report += fmt::format("Model: {} layers ({} MoE), d_model {}, {} attention, {:.3g} parameters ({:.3g} active per token). "
-                        "Router `{}`, experts `{}` ({} experts, top-{}), overflow `{}`, balancers: {}.\n\n",
-                        config.model.n_layers, moe_layers.size(), config.model.d_model,
-                        attention_name(config.model.attention), counts.total.sum(), counts.active.sum(),
-                        config.moe.router.type, config.moe.experts.type, config.layer.num_experts, config.layer.top_k,
-                        overflow_name(config.moe.overflow), balancer_list(config.moe));
+  report += fmt::format(
+      "Model: {} layers ({} MoE), d_model {}, {} attention, {:.3g} parameters ({:.3g} active per token). "
+      "Router `{}`, experts `{}` ({} experts, top-{}), overflow `{}`, balancers: {}.\n\n",
+      config.model.n_layers, moe_layers.size(), config.model.d_model, attention_name(config.model.attention),
+      counts.total.sum(), counts.active.sum(), config.moe.router.type, config.moe.experts.type,
+      config.layer.num_experts, config.layer.top_k, overflow_name(config.moe.overflow), balancer_list(config.moe));
   report += "| figure | value |\n|---|---|\n";
   report += fmt::format("| steps | {} ({} tokens) |\n", train.steps, train.steps * tokens_per_step);
   report += fmt::format("| final train loss (mean of last {} steps) | {:.4f} nats |\n", running.recent_loss.size(),

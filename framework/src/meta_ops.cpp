@@ -8,9 +8,10 @@ namespace moelab {
 namespace {
 
 [[noreturn]] void no_data(const char* op) {
-  throw RuntimeError(fmt::format("{}: meta tensors hold no data (the meta kernel only builds models to count "
-                                 "their parameters; run on a real kernel to compute)",
-                                 op));
+  throw RuntimeError(
+      fmt::format("{}: meta tensors hold no data (the meta kernel only builds models to count "
+                  "their parameters; run on a real kernel to compute)",
+                  op));
 }
 
 class MetaOps final : public Ops {
@@ -36,8 +37,7 @@ class MetaOps final : public Ops {
   void copy(const Tensor&, Tensor&) override { no_data("copy"); }
 
   void gemm(bool, bool, double, const Tensor&, const Tensor&, double, Tensor&) override { no_data("gemm"); }
-  void grouped_gemm(const Tensor&, const Tensor&, bool, const std::vector<int64_t>&, double, double,
-                    Tensor&) override {
+  void grouped_gemm(const Tensor&, const Tensor&, bool, const std::vector<int64_t>&, double, double, Tensor&) override {
     no_data("grouped_gemm");
   }
   void grouped_gemm_weight_grad(const Tensor&, const Tensor&, bool, const std::vector<int64_t>&, bool,
@@ -67,12 +67,8 @@ class MetaOps final : public Ops {
   void softplus_backward(const Tensor&, const Tensor&, bool, Tensor&) override { no_data("softplus_backward"); }
   void topk_rows(const Tensor&, int, const Tensor*, Tensor&, Tensor&) override { no_data("topk_rows"); }
   void gather_rows(const Tensor&, const Tensor&, Tensor&) override { no_data("gather_rows"); }
-  void scatter_add_rows(const Tensor&, const Tensor&, const Tensor*, Tensor&) override {
-    no_data("scatter_add_rows");
-  }
-  void gather_elements(const Tensor&, const Tensor&, const Tensor&, Tensor&) override {
-    no_data("gather_elements");
-  }
+  void scatter_add_rows(const Tensor&, const Tensor&, const Tensor*, Tensor&) override { no_data("scatter_add_rows"); }
+  void gather_elements(const Tensor&, const Tensor&, const Tensor&, Tensor&) override { no_data("gather_elements"); }
   void scatter_add_elements(const Tensor&, const Tensor&, const Tensor&, Tensor&) override {
     no_data("scatter_add_elements");
   }
@@ -93,6 +89,8 @@ class MetaOps final : public Ops {
 
 }  // namespace
 
-std::shared_ptr<Ops> make_meta_ops() { return std::make_shared<MetaOps>(); }
+std::shared_ptr<Ops> make_meta_ops() {
+  return std::make_shared<MetaOps>();
+}
 
 }  // namespace moelab

@@ -28,8 +28,8 @@ MoeLayerCounts count_moe_layer(const RunConfig& config, const PluginRegistry& re
   counts.num_experts = config.layer.num_experts;
   // Expert choice (Zhou et al. 2022) lets each expert take T * capacity_factor / E tokens, so a
   // token is processed by capacity_factor experts on average; token-choice routers use top_k.
-  counts.experts_per_token = config.moe.router.type == "expert_choice" ? config.moe.capacity_factor
-                                                                       : static_cast<double>(config.layer.top_k);
+  counts.experts_per_token =
+      config.moe.router.type == "expert_choice" ? config.moe.capacity_factor : static_cast<double>(config.layer.top_k);
   counts.routed_expert_flops = layer.experts().flops_per_routed_token();
   return counts;
 }
@@ -55,8 +55,8 @@ int64_t attention_params(const ModelConfig& m) {
       //   output: W_o [d, H v]            n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_dim
       const int64_t qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
       const int64_t q = m.q_lora_rank > 0 ? d * m.q_lora_rank + m.q_lora_rank * heads * qk : d * heads * qk;
-      const int64_t kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) +
-                         m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim);
+      const int64_t kv =
+          d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim);
       return q + kv + heads * m.v_head_dim * d;
     }
   }
@@ -65,9 +65,12 @@ int64_t attention_params(const ModelConfig& m) {
 
 int64_t norm_params(const ModelConfig& m) {
   switch (m.norm) {
-    case NormKind::none: return 0;
-    case NormKind::rmsnorm: return m.d_model;  // scale [d]
-    case NormKind::layernorm: return m.norm_bias ? 2 * m.d_model : m.d_model;  // scale [d] (+ bias [d])
+    case NormKind::none:
+      return 0;
+    case NormKind::rmsnorm:
+      return m.d_model;  // scale [d]
+    case NormKind::layernorm:
+      return m.norm_bias ? 2 * m.d_model : m.d_model;  // scale [d] (+ bias [d])
   }
   return 0;
 }
@@ -76,9 +79,12 @@ int64_t attention_norm_params(const ModelConfig& m) {
   if (m.attention == AttentionKind::mla)  // RMSNorm on the query latent [r_q] and the kv latent [r_kv]
     return (m.q_lora_rank > 0 ? m.q_lora_rank : 0) + m.kv_lora_rank;
   switch (m.qk_norm) {
-    case QkNorm::none: return 0;
-    case QkNorm::head: return 2 * m.head_dim;  // one [h] scale for all query heads, one for all key heads
-    case QkNorm::full: return (m.n_heads + m.n_kv_heads) * m.head_dim;  // over the whole q and k projections
+    case QkNorm::none:
+      return 0;
+    case QkNorm::head:
+      return 2 * m.head_dim;  // one [h] scale for all query heads, one for all key heads
+    case QkNorm::full:
+      return (m.n_heads + m.n_kv_heads) * m.head_dim;  // over the whole q and k projections
   }
   return 0;
 }
@@ -99,8 +105,7 @@ double attention_score_flops(const ModelConfig& m, int64_t context) {
     case AttentionKind::gqa:
       return 2.0 * heads * keys * 2.0 * static_cast<double>(m.head_dim);
     case AttentionKind::mla:
-      return 2.0 * heads * keys *
-             static_cast<double>(m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim);
+      return 2.0 * heads * keys * static_cast<double>(m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim);
   }
   return 0;
 }
@@ -182,8 +187,7 @@ ModelCounts count_model(const ModelConfig& m, const MoeLayerCounts& moe, int64_t
   // layout) and the attention scores. Embedding lookups and norms are not multiplies by weights.
   const double moe_layer_flops = static_cast<double>(out.moe_layers) * moe.experts_per_token * moe.routed_expert_flops;
   out.forward_flops_per_token = 2.0 * (active.attention + active.dense_ffn + active.shared_experts + active.routers) +
-                                2.0 * vocab_params + moe_layer_flops +
-                                out.attention_score_flops_per_token;
+                                2.0 * vocab_params + moe_layer_flops + out.attention_score_flops_per_token;
   return out;
 }
 

@@ -1,7 +1,8 @@
+#include "moelab/module.hpp"
+
 #include <fmt/format.h>
 
 #include "moelab/experts.hpp"
-#include "moelab/module.hpp"
 #include "moelab/plugin.hpp"
 
 namespace moelab {
@@ -31,8 +32,8 @@ void fill_normal(Tensor& host, double std, Rng& rng) {
   fill_host(host, [&] { return std * rng.normal(); });
 }
 
-Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng,
-                         double std, bool weight_decay) {
+Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng, double std,
+                         bool weight_decay) {
   Parameter p;
   p.name = std::move(name);
   if (ops.device() == DeviceKind::meta) {
@@ -90,10 +91,14 @@ Tensor gradient_from(Ops& ops, const Tensor& incoming, DType dtype, const Shape&
 
 const char* plugin_kind_name(PluginKind kind) {
   switch (kind) {
-    case PluginKind::router: return "router";
-    case PluginKind::experts: return "experts";
-    case PluginKind::balancer: return "balancer";
-    case PluginKind::kernel: return "kernel";
+    case PluginKind::router:
+      return "router";
+    case PluginKind::experts:
+      return "experts";
+    case PluginKind::balancer:
+      return "balancer";
+    case PluginKind::kernel:
+      return "kernel";
   }
   return "unknown";
 }
@@ -109,11 +114,16 @@ Activation parse_activation(const std::string& name) {
 
 const char* activation_name(Activation activation) {
   switch (activation) {
-    case Activation::identity: return "identity";
-    case Activation::relu: return "relu";
-    case Activation::gelu_tanh: return "gelu";
-    case Activation::gelu_erf: return "gelu_erf";
-    case Activation::silu: return "silu";
+    case Activation::identity:
+      return "identity";
+    case Activation::relu:
+      return "relu";
+    case Activation::gelu_tanh:
+      return "gelu";
+    case Activation::gelu_erf:
+      return "gelu_erf";
+    case Activation::silu:
+      return "silu";
   }
   return "?";
 }

@@ -41,8 +41,8 @@ std::vector<int64_t> DeadExpertTracker::dead() const {
 // Capacity and dispatch: host bookkeeping on the A assignments of a plan.
 
 int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double factor) {
-  return static_cast<int64_t>(std::ceil(static_cast<double>(tokens) * static_cast<double>(k) /
-                                        static_cast<double>(experts) * factor));
+  return static_cast<int64_t>(
+      std::ceil(static_cast<double>(tokens) * static_cast<double>(k) / static_cast<double>(experts) * factor));
 }
 
 Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
@@ -82,7 +82,10 @@ Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int3
         auto& used = taken[static_cast<size_t>(t)];
         if (std::find(used.begin(), used.end(), static_cast<int32_t>(j)) != used.end()) continue;
         const double p = host_value(probs_host, t * experts + j);
-        if (p > best_p) { best_p = p; best = static_cast<int32_t>(j); }
+        if (p > best_p) {
+          best_p = p;
+          best = static_cast<int32_t>(j);
+        }
       }
       if (best >= 0) {
         d.final_expert[a] = best;
@@ -96,7 +99,8 @@ Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int3
   }
 
   d.offsets.assign(static_cast<size_t>(experts) + 1, 0);
-  for (int64_t e = 0; e < experts; ++e) d.offsets[static_cast<size_t>(e) + 1] = d.offsets[static_cast<size_t>(e)] + load[static_cast<size_t>(e)];
+  for (int64_t e = 0; e < experts; ++e)
+    d.offsets[static_cast<size_t>(e) + 1] = d.offsets[static_cast<size_t>(e)] + load[static_cast<size_t>(e)];
   d.order.assign(static_cast<size_t>(d.offsets.back()), 0);
   d.source_token.assign(d.order.size(), 0);
   std::vector<int64_t> cursor(d.offsets.begin(), d.offsets.end() - 1);
@@ -174,9 +178,11 @@ struct MoeLayer::Saved {
   std::unique_ptr<ForwardContext> experts_context, shared_context;
 };
 
-MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops,
-                   Rng& rng)
-    : config_(config), spec_(spec), ops_(ops), rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
+MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng)
+    : config_(config),
+      spec_(spec),
+      ops_(ops),
+      rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
       dead_(spec.num_experts, config.dead_expert_window) {
   Rng init = rng_.fork(1);
   experts_ = registry.make_experts(config.experts.type, config.experts.params, spec_, ops, init);
@@ -205,8 +211,7 @@ std::vector<std::pair<std::string, Parameter*>> MoeLayer::named_parameters() {
   for (Parameter* p : router_->parameters()) out.emplace_back("router." + p->name, p);
   for (Parameter* p : experts_->parameters()) out.emplace_back("experts." + p->name, p);
   for (size_t i = 0; i < balancers_.size(); ++i)
-    for (Parameter* p : balancers_[i]->parameters())
-      out.emplace_back(fmt::format("balancers.{}.{}", i, p->name), p);
+    for (Parameter* p : balancers_[i]->parameters()) out.emplace_back(fmt::format("balancers.{}.{}", i, p->name), p);
   return out;
 }
 
@@ -225,8 +230,15 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   // The routing noise of a step is a function of (seed, layer, step, training): a forward can be
   // repeated exactly (gradient checks, resume).
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(input.step) + (input.training ? 1 : 0));
-  RouterContext ctx{ops_, step_rng, input.training, input.step, input.batch, saved->seq_len, input.token_ids,
-                    expert_bias_.defined() ? &expert_bias_ : nullptr, saved->capacity_factor};
+  RouterContext ctx{ops_,
+                    step_rng,
+                    input.training,
+                    input.step,
+                    input.batch,
+                    saved->seq_len,
+                    input.token_ids,
+                    expert_bias_.defined() ? &expert_bias_ : nullptr,
+                    saved->capacity_factor};
   saved->plan = router_->forward(x, ctx);
   RoutingPlan& plan = saved->plan;
   expect_shape(plan.logits, {tokens, experts}, "router logits");
@@ -254,8 +266,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   // Expert-choice routers size their own buckets: capacity does not apply to them.
   const bool token_choice = plan.top_k > 0;
   const Overflow overflow = token_choice ? config_.overflow : Overflow::dropless;
-  stats_.capacity = overflow == Overflow::dropless ? 0
-                                                   : expert_capacity(tokens, plan.top_k, experts, saved->capacity_factor);
+  stats_.capacity =
+      overflow == Overflow::dropless ? 0 : expert_capacity(tokens, plan.top_k, experts, saved->capacity_factor);
   const Tensor probs_host = ops_.to_host(plan.probs);
   const Dispatch dispatch = plan_dispatch(token, expert, rank, experts, stats_.capacity, overflow,
                                           overflow == Overflow::reroute ? probs_host : Tensor{});
@@ -284,7 +296,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   std::vector<char> served(static_cast<size_t>(tokens), 0);
   for (int32_t t : dispatch.source_token) served[static_cast<size_t>(t)] = 1;
   stats_.tokens_without_expert = std::count(served.begin(), served.end(), 0);
-  stats_.drop_fraction = stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
+  stats_.drop_fraction =
+      stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
   stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
   stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
   stats_.router_entropy = accumulate_prob_stats(probs_host, tokens, experts, stats_.mean_prob);
@@ -293,7 +306,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
     max_routed = std::max(max_routed, stats_.routed_per_expert[static_cast<size_t>(e)]);
     if (stats_.assignments > 0)
       stats_.load_fraction[static_cast<size_t>(e)] =
-          static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) / static_cast<double>(stats_.assignments);
+          static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) /
+          static_cast<double>(stats_.assignments);
     max_load = std::max(max_load, stats_.tokens_per_expert[static_cast<size_t>(e)]);
   }
   const double mean_load = static_cast<double>(rows) / static_cast<double>(experts);
@@ -347,8 +361,15 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   }
 
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
-  RouterContext ctx{ops_, step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids,
-                    expert_bias_.defined() ? &expert_bias_ : nullptr, s.capacity_factor};
+  RouterContext ctx{ops_,
+                    step_rng,
+                    s.training,
+                    s.step,
+                    s.batch,
+                    s.seq_len,
+                    s.token_ids,
+                    expert_bias_.defined() ? &expert_bias_ : nullptr,
+                    s.capacity_factor};
   for (auto& balancer : balancers_) balancer->backward(s.plan, s.load, ctx, 1.0, grad);
   router_->backward(s.x, s.plan, grad, ctx, dx);
   return dx;

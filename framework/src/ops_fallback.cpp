@@ -18,9 +18,12 @@ namespace {
 
 template <class F>
 void with_float_type(DType dtype, const char* op, F&& f) {
-  if (dtype == DType::f32) f(float{});
-  else if (dtype == DType::f64) f(double{});
-  else throw RuntimeError(fmt::format("{}: dtype {} is not supported", op, dtype_name(dtype)));
+  if (dtype == DType::f32)
+    f(float{});
+  else if (dtype == DType::f64)
+    f(double{});
+  else
+    throw RuntimeError(fmt::format("{}: dtype {} is not supported", op, dtype_name(dtype)));
 }
 
 void check_same(const Tensor& a, const Tensor& b, const char* op) {
@@ -70,8 +73,7 @@ void Ops::normalize_rows(const Tensor& x, Tensor& y) {
   store(*this, hy, y);
 }
 
-void Ops::normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy, bool accumulate,
-                                  Tensor& dx) {
+void Ops::normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx) {
   check_same(x, y, "normalize_rows_backward");
   check_same(x, dy, "normalize_rows_backward");
   check_same(x, dx, "normalize_rows_backward");

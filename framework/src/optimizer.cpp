@@ -27,8 +27,8 @@ void AdamWOptimizer::step(double lr) {
   ++steps_;
   for (size_t i = 0; i < parameters_.size(); ++i) {
     Parameter* p = parameters_[i];
-    Ops::AdamW hyper{lr, options_.beta1, options_.beta2, options_.eps,
-                     p->weight_decay ? options_.weight_decay : 0.0, steps_};
+    Ops::AdamW hyper{lr,    options_.beta1, options_.beta2, options_.eps, p->weight_decay ? options_.weight_decay : 0.0,
+                     steps_};
     ops_.adamw_update(hyper, p->grad, p->value, m_[i], v_[i]);
   }
 }

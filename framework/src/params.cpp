@@ -9,13 +9,20 @@ namespace moelab {
 
 const char* param_type_name(ParamType type) {
   switch (type) {
-    case ParamType::boolean: return "boolean";
-    case ParamType::integer: return "integer";
-    case ParamType::real: return "float";
-    case ParamType::string: return "string";
-    case ParamType::integer_list: return "array of integers";
-    case ParamType::real_list: return "array of floats";
-    case ParamType::string_list: return "array of strings";
+    case ParamType::boolean:
+      return "boolean";
+    case ParamType::integer:
+      return "integer";
+    case ParamType::real:
+      return "float";
+    case ParamType::string:
+      return "string";
+    case ParamType::integer_list:
+      return "array of integers";
+    case ParamType::real_list:
+      return "array of floats";
+    case ParamType::string_list:
+      return "array of strings";
   }
   return "?";
 }
@@ -32,21 +39,29 @@ std::string list_str(const std::vector<T>& v, F&& one) {
   for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + one(v[i]);
   return out + "]";
 }
-std::string quoted(const std::string& s) { return fmt::format("\"{}\"", s); }
+std::string quoted(const std::string& s) {
+  return fmt::format("\"{}\"", s);
+}
 }  // namespace
 
 std::string param_value_str(const ParamValue& value) {
   return std::visit(
       [](const auto& v) -> std::string {
         using T = std::decay_t<decltype(v)>;
-        if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
-        else if constexpr (std::is_same_v<T, int64_t>) return std::to_string(v);
-        else if constexpr (std::is_same_v<T, double>) return real_str(v);
-        else if constexpr (std::is_same_v<T, std::string>) return quoted(v);
+        if constexpr (std::is_same_v<T, bool>)
+          return v ? "true" : "false";
+        else if constexpr (std::is_same_v<T, int64_t>)
+          return std::to_string(v);
+        else if constexpr (std::is_same_v<T, double>)
+          return real_str(v);
+        else if constexpr (std::is_same_v<T, std::string>)
+          return quoted(v);
         else if constexpr (std::is_same_v<T, std::vector<int64_t>>)
           return list_str(v, [](int64_t x) { return std::to_string(x); });
-        else if constexpr (std::is_same_v<T, std::vector<double>>) return list_str(v, real_str);
-        else return list_str(v, quoted);
+        else if constexpr (std::is_same_v<T, std::vector<double>>)
+          return list_str(v, real_str);
+        else
+          return list_str(v, quoted);
       },
       value);
 }
@@ -64,8 +79,8 @@ ParamSpec param_string(std::string name, std::string d, std::string doc) {
   return ParamSpec{std::move(name), ParamType::string, ParamValue{std::move(d)}, {}, {}, {}, std::move(doc)};
 }
 ParamSpec param_choice(std::string name, std::string d, std::vector<std::string> choices, std::string doc) {
-  return ParamSpec{std::move(name), ParamType::string, ParamValue{std::move(d)}, {}, {}, std::move(choices),
-                   std::move(doc)};
+  return ParamSpec{std::move(name),    ParamType::string, ParamValue{std::move(d)}, {}, {},
+                   std::move(choices), std::move(doc)};
 }
 ParamSpec param_int_list(std::string name, std::vector<int64_t> d, std::string doc) {
   return ParamSpec{std::move(name), ParamType::integer_list, ParamValue{std::move(d)}, {}, {}, {}, std::move(doc)};
@@ -95,8 +110,12 @@ static const T& get_as(const ParamValue& v, const std::string& name, const char*
   return *p;
 }
 
-bool ParamSet::get_bool(const std::string& n) const { return get_as<bool>(at(n), n, "boolean"); }
-int64_t ParamSet::get_int(const std::string& n) const { return get_as<int64_t>(at(n), n, "integer"); }
+bool ParamSet::get_bool(const std::string& n) const {
+  return get_as<bool>(at(n), n, "boolean");
+}
+int64_t ParamSet::get_int(const std::string& n) const {
+  return get_as<int64_t>(at(n), n, "integer");
+}
 double ParamSet::get_float(const std::string& n) const {
   const ParamValue& v = at(n);
   if (const auto* i = std::get_if<int64_t>(&v)) return static_cast<double>(*i);
@@ -125,11 +144,16 @@ SourceLocation ParamSet::where(const std::string& name) const {
 namespace {
 std::string value_kind(const ParamValue& v) {
   switch (v.index()) {
-    case 0: return "boolean";
-    case 1: return "integer";
-    case 2: return "float";
-    case 3: return "string";
-    default: return "array";
+    case 0:
+      return "boolean";
+    case 1:
+      return "integer";
+    case 2:
+      return "float";
+    case 3:
+      return "string";
+    default:
+      return "array";
   }
 }
 std::string check_number(const ParamSpec& spec, double x, const std::string& shown) {
@@ -145,8 +169,7 @@ std::string check_number(const ParamSpec& spec, double x, const std::string& sho
   return {};
 }
 std::string check_choice(const ParamSpec& spec, const std::string& s) {
-  if (spec.choices.empty() || std::find(spec.choices.begin(), spec.choices.end(), s) != spec.choices.end())
-    return {};
+  if (spec.choices.empty() || std::find(spec.choices.begin(), spec.choices.end(), s) != spec.choices.end()) return {};
   std::string list;
   for (const auto& c : spec.choices) list += (list.empty() ? "" : ", ") + quoted(c);
   return fmt::format("must be one of {}, got \"{}\"", list, s);
@@ -155,17 +178,18 @@ std::string check_choice(const ParamSpec& spec, const std::string& s) {
 
 std::string check_param_value(const ParamSpec& spec, const ParamValue& value) {
   auto mismatch = [&] {
-    return fmt::format("expected {}, got {} {}", param_type_name(spec.type), value_kind(value),
-                       param_value_str(value));
+    return fmt::format("expected {}, got {} {}", param_type_name(spec.type), value_kind(value), param_value_str(value));
   };
   switch (spec.type) {
     case ParamType::boolean:
       return std::holds_alternative<bool>(value) ? std::string{} : mismatch();
     case ParamType::integer:
-      if (const auto* i = std::get_if<int64_t>(&value)) return check_number(spec, static_cast<double>(*i), std::to_string(*i));
+      if (const auto* i = std::get_if<int64_t>(&value))
+        return check_number(spec, static_cast<double>(*i), std::to_string(*i));
       return mismatch();
     case ParamType::real:
-      if (const auto* i = std::get_if<int64_t>(&value)) return check_number(spec, static_cast<double>(*i), std::to_string(*i));
+      if (const auto* i = std::get_if<int64_t>(&value))
+        return check_number(spec, static_cast<double>(*i), std::to_string(*i));
       if (const auto* d = std::get_if<double>(&value)) return check_number(spec, *d, real_str(*d));
       return mismatch();
     case ParamType::string:
@@ -174,15 +198,19 @@ std::string check_param_value(const ParamSpec& spec, const ParamValue& value) {
     case ParamType::integer_list:
       if (const auto* v = std::get_if<std::vector<int64_t>>(&value)) {
         for (int64_t x : *v)
-          if (auto e = check_number(spec, static_cast<double>(x), std::to_string(x)); !e.empty()) return "each element " + e;
+          if (auto e = check_number(spec, static_cast<double>(x), std::to_string(x)); !e.empty())
+            return "each element " + e;
         return {};
       }
       return mismatch();
     case ParamType::real_list: {
       std::vector<double> xs;
-      if (const auto* v = std::get_if<std::vector<int64_t>>(&value)) xs.assign(v->begin(), v->end());
-      else if (const auto* d = std::get_if<std::vector<double>>(&value)) xs = *d;
-      else return mismatch();
+      if (const auto* v = std::get_if<std::vector<int64_t>>(&value))
+        xs.assign(v->begin(), v->end());
+      else if (const auto* d = std::get_if<std::vector<double>>(&value))
+        xs = *d;
+      else
+        return mismatch();
       for (double x : xs)
         if (auto e = check_number(spec, x, real_str(x)); !e.empty()) return "each element " + e;
       return {};
@@ -221,7 +249,10 @@ std::string nearest_name(const std::string& name, const std::vector<std::string>
   size_t best_d = std::max<size_t>(2, name.size() / 3) + 1;
   for (const auto& c : candidates) {
     const size_t d = distance(name, c);
-    if (d < best_d) { best_d = d; best = c; }
+    if (d < best_d) {
+      best_d = d;
+      best = c;
+    }
   }
   return best;
 }

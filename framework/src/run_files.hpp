@@ -3,7 +3,6 @@
 #pragma once
 
 #include <boost/json.hpp>
-
 #include <filesystem>
 #include <string>
 #include <vector>

@@ -44,7 +44,6 @@ constexpr size_t header_alignment = 8;
 // ---------------------------------------------------------------------------------------------
 // Messages
 
-
 // A name or value from the file as it can be shown in one line of a message: control bytes (and
 // every non-ASCII byte when the text is not UTF-8) escaped, very long strings cut (a hostile file
 // may carry a megabyte-long name).

@@ -9,33 +9,48 @@ namespace moelab {
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::f32: return 4;
-    case DType::f64: return 8;
-    case DType::bf16: return 2;
-    case DType::i32: return 4;
-    case DType::i64: return 8;
-    case DType::u8: return 1;
+    case DType::f32:
+      return 4;
+    case DType::f64:
+      return 8;
+    case DType::bf16:
+      return 2;
+    case DType::i32:
+      return 4;
+    case DType::i64:
+      return 8;
+    case DType::u8:
+      return 1;
   }
   return 0;
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::f32: return "f32";
-    case DType::f64: return "f64";
-    case DType::bf16: return "bf16";
-    case DType::i32: return "i32";
-    case DType::i64: return "i64";
-    case DType::u8: return "u8";
+    case DType::f32:
+      return "f32";
+    case DType::f64:
+      return "f64";
+    case DType::bf16:
+      return "bf16";
+    case DType::i32:
+      return "i32";
+    case DType::i64:
+      return "i64";
+    case DType::u8:
+      return "u8";
   }
   return "?";
 }
 
 const char* device_name(DeviceKind device) {
   switch (device) {
-    case DeviceKind::cpu: return "cpu";
-    case DeviceKind::cuda: return "cuda";
-    case DeviceKind::meta: return "meta";
+    case DeviceKind::cpu:
+      return "cpu";
+    case DeviceKind::cuda:
+      return "cuda";
+    case DeviceKind::meta:
+      return "meta";
   }
   return "?";
 }
@@ -75,8 +90,8 @@ Tensor Tensor::reshaped(Shape shape) const {
 }
 
 Tensor Tensor::rows(int64_t begin, int64_t end) const {
-  MOELAB_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= shape_[0],
-               "rows [{}, {}) out of range for {}", begin, end, describe());
+  MOELAB_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= shape_[0], "rows [{}, {}) out of range for {}",
+               begin, end, describe());
   Tensor t = *this;
   const int64_t row_elems = shape_[0] == 0 ? 0 : numel() / shape_[0];
   t.offset_ = offset_ + static_cast<size_t>(begin * row_elems) * dtype_size(dtype_);
@@ -110,11 +125,16 @@ Tensor host_tensor(DType dtype, Shape shape) {
 double host_value(const Tensor& t, int64_t i) {
   MOELAB_CHECK(t.device() == DeviceKind::cpu && i >= 0 && i < t.numel(), "host_value({}) on {}", i, t.describe());
   switch (t.dtype()) {
-    case DType::f32: return t.data<float>()[i];
-    case DType::f64: return t.data<double>()[i];
-    case DType::i32: return t.data<int32_t>()[i];
-    case DType::i64: return static_cast<double>(t.data<int64_t>()[i]);
-    case DType::u8: return t.data<uint8_t>()[i];
+    case DType::f32:
+      return t.data<float>()[i];
+    case DType::f64:
+      return t.data<double>()[i];
+    case DType::i32:
+      return t.data<int32_t>()[i];
+    case DType::i64:
+      return static_cast<double>(t.data<int64_t>()[i]);
+    case DType::u8:
+      return t.data<uint8_t>()[i];
     case DType::bf16: {
       uint16_t bits;
       std::memcpy(&bits, static_cast<const char*>(t.raw()) + 2 * i, 2);
@@ -130,11 +150,21 @@ double host_value(const Tensor& t, int64_t i) {
 void set_host_value(Tensor& t, int64_t i, double v) {
   MOELAB_CHECK(t.device() == DeviceKind::cpu && i >= 0 && i < t.numel(), "set_host_value({}) on {}", i, t.describe());
   switch (t.dtype()) {
-    case DType::f32: t.data<float>()[i] = static_cast<float>(v); return;
-    case DType::f64: t.data<double>()[i] = v; return;
-    case DType::i32: t.data<int32_t>()[i] = static_cast<int32_t>(v); return;
-    case DType::i64: t.data<int64_t>()[i] = static_cast<int64_t>(v); return;
-    case DType::u8: t.data<uint8_t>()[i] = static_cast<uint8_t>(v); return;
+    case DType::f32:
+      t.data<float>()[i] = static_cast<float>(v);
+      return;
+    case DType::f64:
+      t.data<double>()[i] = v;
+      return;
+    case DType::i32:
+      t.data<int32_t>()[i] = static_cast<int32_t>(v);
+      return;
+    case DType::i64:
+      t.data<int64_t>()[i] = static_cast<int64_t>(v);
+      return;
+    case DType::u8:
+      t.data<uint8_t>()[i] = static_cast<uint8_t>(v);
+      return;
     case DType::bf16: {
       const float f = static_cast<float>(v);
       uint32_t bits;

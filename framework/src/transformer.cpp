@@ -44,7 +44,8 @@ Norm::Norm(Ops& ops, const std::string& name, NormKind norm_kind, int64_t width,
   Rng unused;
   weight = make_parameter(ops, name + ".weight", dtype, {width}, unused, 0.0, false);
   ops.fill(weight.value, 1.0);
-  if (has_bias && kind == NormKind::layernorm) bias = make_parameter(ops, name + ".bias", dtype, {width}, unused, 0.0, false);
+  if (has_bias && kind == NormKind::layernorm)
+    bias = make_parameter(ops, name + ".bias", dtype, {width}, unused, 0.0, false);
 }
 
 Tensor Norm::forward(Ops& ops, const Tensor& x) {
@@ -66,7 +67,8 @@ Tensor Norm::backward(Ops& ops, const Tensor& x, const Tensor& dy) {
   if (kind == NormKind::rmsnorm)
     ops.rms_norm_backward(x, weight.value, rstd, dy, dx, weight.grad);
   else
-    ops.layer_norm_backward(x, weight.value, mean, rstd, dy, dx, weight.grad, bias.value.defined() ? &bias.grad : nullptr);
+    ops.layer_norm_backward(x, weight.value, mean, rstd, dy, dx, weight.grad,
+                            bias.value.defined() ? &bias.grad : nullptr);
   return dx;
 }
 
@@ -80,7 +82,9 @@ void Norm::collect(std::vector<Parameter*>& out) {
 namespace {
 
 // Views [R, H*D] as [R*H, D] so a per-head norm is a row norm.
-Tensor per_head(const Tensor& t, int64_t width) { return t.reshaped({t.numel() / width, width}); }
+Tensor per_head(const Tensor& t, int64_t width) {
+  return t.reshaped({t.numel() / width, width});
+}
 
 }  // namespace
 
@@ -119,8 +123,8 @@ Attention::Attention(const ModelConfig& model, int64_t layer, Ops& ops, Rng& rng
     }
     kv_a_ = Linear(ops, p + "kv_a", d, model.kv_lora_rank + model.qk_rope_head_dim, false, dtype, rng, std);
     kv_a_norm_ = Norm(ops, p + "kv_a_norm", NormKind::rmsnorm, model.kv_lora_rank, false, model.norm_eps, dtype);
-    kv_b_ = Linear(ops, p + "kv_b", model.kv_lora_rank, heads_ * (model.qk_nope_head_dim + v_dim_), false, dtype, rng,
-                   std);
+    kv_b_ =
+        Linear(ops, p + "kv_b", model.kv_lora_rank, heads_ * (model.qk_nope_head_dim + v_dim_), false, dtype, rng, std);
     o_proj_ = Linear(ops, p + "o", heads_ * v_dim_, d, false, dtype, rng, std);
   }
   scale_ = 1.0 / std::sqrt(static_cast<double>(qk_dim_));
@@ -266,8 +270,7 @@ Tensor Attention::backward_mla(Ops& ops, const Tensor& dq, const Tensor& dk, con
 
 // --- Block ----------------------------------------------------------------------------------------
 
-Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng,
-             bool force_moe)
+Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng, bool force_moe)
     : attn_norm_(ops, fmt::format("layers.{}.attn_norm", index), config.model.norm, config.model.d_model,
                  config.model.norm_bias, config.model.norm_eps, config.model.dtype),
       ffn_norm_(ops, fmt::format("layers.{}.ffn_norm", index), config.model.norm, config.model.d_model,
@@ -427,7 +430,8 @@ Transformer::Transformer(const RunConfig& config, const PluginRegistry& registry
     throw UsageError(fmt::format("{}: {} ({})", problems[0].key, problems[0].message, problems[0].hint));
   const ModelConfig& m = config.model;
   MOELAB_CHECK(config.layer.d_model == m.d_model && config.layer.dtype == m.dtype,
-               "the MoE layer spec (d_model {}) does not match the model (d_model {})", config.layer.d_model, m.d_model);
+               "the MoE layer spec (d_model {}) does not match the model (d_model {})", config.layer.d_model,
+               m.d_model);
   Rng init = rng.fork(0x7f0);
   embed_ = make_parameter(ops, "embed.weight", m.dtype, {m.vocab_size, m.d_model}, init, m.init_std);
   for (int64_t i = 0; i < m.n_layers; ++i) blocks_.push_back(std::make_unique<Block>(config, i, registry, ops, init));
@@ -479,7 +483,8 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
   for (int64_t i = 0; i < rows; ++i) {
     const int32_t token = inputs[static_cast<size_t>(i)];
     if (token < 0 || token >= m.vocab_size)
-      throw UsageError(fmt::format("token {} at position {} is outside the vocabulary [0, {})", token, i, m.vocab_size));
+      throw UsageError(
+          fmt::format("token {} at position {} is outside the vocabulary [0, {})", token, i, m.vocab_size));
     input_ids_.data<int32_t>()[i] = token;
     target_ids_.data<int32_t>()[i] = targets[static_cast<size_t>(i)];
     scored_ += targets[static_cast<size_t>(i)] >= 0 ? 1 : 0;
@@ -507,8 +512,7 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
       for (int64_t i = 0; i < seq_len_; ++i) {
         const int64_t shifted = i + static_cast<int64_t>(k);  // targets[shifted] is token i+k+1
         const int32_t token = shifted < seq_len_ ? targets[static_cast<size_t>(b * seq_len_ + shifted)] : -1;
-        const int32_t target =
-            shifted + 1 < seq_len_ ? targets[static_cast<size_t>(b * seq_len_ + shifted + 1)] : -1;
+        const int32_t target = shifted + 1 < seq_len_ ? targets[static_cast<size_t>(b * seq_len_ + shifted + 1)] : -1;
         saved.token_ids.data<int32_t>()[b * seq_len_ + i] = token >= 0 ? token : 0;
         saved.target_ids.data<int32_t>()[b * seq_len_ + i] = token >= 0 ? target : -1;
         saved.scored += token >= 0 && target >= 0 ? 1 : 0;
@@ -518,8 +522,8 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
     saved.hidden = mtp_[k]->forward(ops_, hidden, e, input);
     saved.normed = mtp_[k]->out_norm().forward(ops_, saved.hidden);
     const double module_total = head_forward(saved.normed, saved.target_ids, saved.logits, saved.lse);
-    mtp_loss_ += (saved.scored > 0 ? module_total / static_cast<double>(saved.scored) : 0.0) /
-                 static_cast<double>(mtp_.size());
+    mtp_loss_ +=
+        (saved.scored > 0 ? module_total / static_cast<double>(saved.scored) : 0.0) / static_cast<double>(mtp_.size());
     hidden = saved.hidden;
   }
   return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
@@ -532,9 +536,9 @@ void Transformer::backward() {
   Tensor dhidden;
   for (size_t k = mtp_.size(); k-- > 0;) {
     MtpSaved& saved = mtp_saved_[k];
-    const double scale = saved.scored > 0 ? m.mtp_loss_weight / static_cast<double>(mtp_.size()) /
-                                                static_cast<double>(saved.scored)
-                                          : 0.0;
+    const double scale = saved.scored > 0
+                             ? m.mtp_loss_weight / static_cast<double>(mtp_.size()) / static_cast<double>(saved.scored)
+                             : 0.0;
     const Tensor dnormed = head_backward(saved.normed, saved.target_ids, saved.logits, saved.lse, scale);
     Tensor dout = mtp_[k]->out_norm().backward(ops_, saved.hidden, dnormed);
     if (dhidden.defined()) ops_.axpy(1.0, dhidden, dout);

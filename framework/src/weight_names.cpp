@@ -11,9 +11,9 @@ namespace {
 
 const std::vector<std::pair<std::string, WeightNames>>& formats() {
   static const std::vector<std::pair<std::string, WeightNames>> table{
-      {"moelab", WeightNames::moelab},           {"mixtral", WeightNames::mixtral},
-      {"qwen2_moe", WeightNames::qwen2_moe},     {"deepseek_v3", WeightNames::deepseek_v3},
-      {"olmoe", WeightNames::olmoe},             {"switch", WeightNames::switch_transformers}};
+      {"moelab", WeightNames::moelab},       {"mixtral", WeightNames::mixtral},
+      {"qwen2_moe", WeightNames::qwen2_moe}, {"deepseek_v3", WeightNames::deepseek_v3},
+      {"olmoe", WeightNames::olmoe},         {"switch", WeightNames::switch_transformers}};
   return table;
 }
 
@@ -31,7 +31,8 @@ std::map<std::string, Mapping> mapping_for(WeightNames format) {
     return v;
   };
   switch (format) {
-    case WeightNames::moelab: return {};
+    case WeightNames::moelab:
+      return {};
     case WeightNames::mixtral:
       return {{"router.weight", {w({"gate"}), false}},
               {"experts.w_in", {w({"experts.{e}.w1", "experts.{e}.w3"}), true}},
@@ -97,8 +98,8 @@ const Mapping& require_mapping(const std::map<std::string, Mapping>& table, cons
     std::string name;
     for (const auto& [n, f] : formats())
       if (f == format) name = n;
-    throw UsageError(fmt::format("the layer's parameter '{}' has no name in the '{}' weight format (use --names moelab)",
-                                 param, name));
+    throw UsageError(fmt::format(
+        "the layer's parameter '{}' has no name in the '{}' weight format (use --names moelab)", param, name));
   }
   return it->second;
 }
@@ -153,9 +154,10 @@ void load_layer_weights(MoeLayer& layer, Ops& ops, const SafetensorsFile& file, 
   if (format == WeightNames::deepseek_v3 && file.tensors.count(prefix + kBiasName)) {
     Tensor& bias = layer.expert_bias();
     if (!bias.defined())
-      throw UsageError(fmt::format("{}: '{}' holds a selection bias, but the recipe has no balancer that uses one "
-                                   "(add [[moe.balancers]] type = \"aux_free_bias\")",
-                                   label, prefix + kBiasName));
+      throw UsageError(
+          fmt::format("{}: '{}' holds a selection bias, but the recipe has no balancer that uses one "
+                      "(add [[moe.balancers]] type = \"aux_free_bias\")",
+                      label, prefix + kBiasName));
     const Tensor& t = fetch(kBiasName);
     expect(kBiasName, t, bias.shape());
     Tensor host = host_tensor(bias.dtype(), bias.shape());

@@ -32,6 +32,8 @@ inline CommandResult run_moelab(const std::string& arguments, bool with_stderr =
   return result;
 }
 
-inline std::string quoted(const std::filesystem::path& path) { return "'" + path.string() + "'"; }
+inline std::string quoted(const std::filesystem::path& path) {
+  return "'" + path.string() + "'";
+}
 
 }  // namespace moelab::test

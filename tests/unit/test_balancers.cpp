@@ -298,8 +298,8 @@ TEST_CASE("cv_squared with noisy_topk uses Shazeer's smooth load (eq. 8-10), exa
   const int64_t tokens = 9, experts = 5, k = 2, d = 4;
   const LayerSpec spec = layer_spec(experts, k, d);
   Rng init(23);
-  auto router = registry().make_router("noisy_topk", plugin_params(PluginKind::router, "noisy_topk", {{"init_std", 0.5}}),
-                                       spec, ops, init);
+  auto router = registry().make_router(
+      "noisy_topk", plugin_params(PluginKind::router, "noisy_topk", {{"init_std", 0.5}}), spec, ops, init);
   auto balancer = make_balancer("cv_squared", spec, {{"w_importance", 0.3}, {"w_load", 0.6}});
   Rng data(24);
   Tensor x = ops.to_device(random_normal(DType::f64, {tokens, d}, data));

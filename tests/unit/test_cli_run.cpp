@@ -2,11 +2,11 @@
 // exact repetition from the saved recipe, sweeps, failures that leave nothing behind, and a
 // language-model run that stops and resumes to exactly the metrics of an uninterrupted one.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <unistd.h>
 
 #include "cli_support.hpp"
 #include "moelab/module.hpp"
@@ -44,7 +44,8 @@ fs::path tiny_recipe(const fs::path& dir, const std::string& extra = "") {
 // The default recipe (the MoE transformer on the Markov corpus), shrunk to a second of training.
 fs::path tiny_lm_recipe(const fs::path& dir, const std::string& extra = "") {
   const fs::path recipe = dir / "lm.toml";
-  std::ofstream(recipe) << "name = \"lm\"\nextends = \"" << (fs::path(MOELAB_SOURCE_DIR) / "recipes/default.toml").string()
+  std::ofstream(recipe) << "name = \"lm\"\nextends = \""
+                        << (fs::path(MOELAB_SOURCE_DIR) / "recipes/default.toml").string()
                         << "\"\n[model]\nd_model = 16\nvocab_size = 16\n[moe.experts]\nd_ff = 16\n"
                         << "[train]\nsteps = 24\nbatch_size = 4\nseq_len = 16\nwarmup_steps = 4\nlog_every = 4\n"
                         << "eval_every = 8\neval_batches = 2\ncheckpoint_every = 8\n"
@@ -155,17 +156,17 @@ TEST_CASE("layer runs one MoE layer on a tensor file and writes outputs and grad
   CHECK(moelab::read_safetensors(dir / "w.safetensors").contains("experts.7.w3.weight"));
 
   // The weights saved under HF names load back and give the same output.
-  const CommandResult again = run_moelab("layer " + recipe + " --set seed=99 --input " + quoted(dir / "in.safetensors") +
-                                         " --output " + quoted(dir / "out2.safetensors") + " --names mixtral --weights " +
-                                         quoted(dir / "w.safetensors"));
+  const CommandResult again =
+      run_moelab("layer " + recipe + " --set seed=99 --input " + quoted(dir / "in.safetensors") + " --output " +
+                 quoted(dir / "out2.safetensors") + " --names mixtral --weights " + quoted(dir / "w.safetensors"));
   REQUIRE(again.status == 0);
   const moelab::Tensor y1 = out.at("y"), y2 = moelab::read_safetensors(dir / "out2.safetensors").at("y");
   for (int64_t i = 0; i < y1.numel(); ++i) REQUIRE(moelab::host_value(y1, i) == moelab::host_value(y2, i));
 
   // Bad input: a wrong shape names the file and what was expected; nothing is written.
   moelab::write_safetensors(dir / "bad.safetensors", {{"x", moelab::host_tensor(moelab::DType::f32, {10, 7})}});
-  const CommandResult bad = run_moelab("layer " + recipe + " --input " + quoted(dir / "bad.safetensors") + " --output " +
-                                       quoted(dir / "never.safetensors"));
+  const CommandResult bad = run_moelab("layer " + recipe + " --input " + quoted(dir / "bad.safetensors") +
+                                       " --output " + quoted(dir / "never.safetensors"));
   CHECK(bad.status == 2);
   CHECK(bad.output.find("'x' has shape [10, 7], expected [T, 32]") != std::string::npos);
   CHECK(!fs::exists(dir / "never.safetensors"));
@@ -201,8 +202,8 @@ TEST_CASE("run refuses what the trainer cannot train, at the recipe's key, befor
 
 TEST_CASE("a language-model run writes its folder and checkpoint, and reports the corpus floor") {
   const fs::path dir = fresh_dir("lm");
-  const CommandResult r =
-      run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs") + " --set train.keep_checkpoints=true");
+  const CommandResult r = run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs") +
+                                     " --set train.keep_checkpoints=true");
   CAPTURE(r.output);
   REQUIRE(r.status == 0);
   const fs::path run_dir = dir / "runs" / "lm";
@@ -228,7 +229,8 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   REQUIRE(run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "whole")).status == 0);
 
   // Stop after step 13: between checkpoints, so the resumed run redoes nothing twice.
-  const CommandResult stopped = run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "split") + " --stop-at 13");
+  const CommandResult stopped =
+      run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "split") + " --stop-at 13");
   CAPTURE(stopped.output);
   REQUIRE(stopped.status == 0);
   const fs::path split = dir / "split" / "lm";
@@ -245,7 +247,8 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   const CommandResult resumed = run_moelab("run --resume " + quoted(split));
   CAPTURE(resumed.output);
   REQUIRE(resumed.status == 0);
-  CHECK(metrics_without_speed(split / "metrics.jsonl") == metrics_without_speed(dir / "whole" / "lm" / "metrics.jsonl"));
+  CHECK(metrics_without_speed(split / "metrics.jsonl") ==
+        metrics_without_speed(dir / "whole" / "lm" / "metrics.jsonl"));
   const std::string a = slurp(dir / "whole" / "lm" / "summary.json"), b = slurp(split / "summary.json");
   CHECK(field(a, "final_eval_loss") == field(b, "final_eval_loss"));
   CHECK(field(a, "final_train_loss") == field(b, "final_train_loss"));
@@ -288,9 +291,9 @@ TEST_CASE("a language model trains on text files and on token files; a malformed
     std::ofstream text(dir / "corpus.txt");
     for (int i = 0; i < 400; ++i) text << "the expert " << i % 7 << " takes token " << i << "; the router decides.\n";
   }
-  const CommandResult text = run_moelab(
-      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"corpus.txt\"]\n")) + " --out " +
-      quoted(dir / "runs") + " --set model.vocab_size=256");
+  const CommandResult text =
+      run_moelab("run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"corpus.txt\"]\n")) +
+                 " --out " + quoted(dir / "runs") + " --set model.vocab_size=256");
   CAPTURE(text.output);
   REQUIRE(text.status == 0);
   CHECK(field(slurp(dir / "runs" / "lm" / "summary.json"), "eval_optimal_loss") == "null");
@@ -303,24 +306,24 @@ TEST_CASE("a language model trains on text files and on token files; a malformed
       tokens.write(reinterpret_cast<const char*>(&token), 2);
     }
   }
-  const CommandResult tokens = run_moelab(
-      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"tokens.bin\"]\n")) + " --out " +
-      quoted(dir / "tok"));
+  const CommandResult tokens =
+      run_moelab("run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"tokens.bin\"]\n")) +
+                 " --out " + quoted(dir / "tok"));
   CAPTURE(tokens.output);
   CHECK(tokens.status == 0);
 
   std::ofstream(dir / "odd.bin", std::ios::binary) << "abc";  // 3 bytes: not a whole number of u16 tokens
-  const CommandResult odd = run_moelab(
-      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"odd.bin\"]\n")) + " --out " +
-      quoted(dir / "odd"));
+  const CommandResult odd =
+      run_moelab("run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"tokens\"\npaths = [\"odd.bin\"]\n")) +
+                 " --out " + quoted(dir / "odd"));
   CAPTURE(odd.output);
   CHECK(odd.status == 2);
   CHECK(odd.output.find("odd.bin") != std::string::npos);
   CHECK(!fs::exists(dir / "odd" / "lm"));
 
-  const CommandResult missing = run_moelab(
-      "run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"nothing/*.txt\"]\n")) + " --out " +
-      quoted(dir / "missing") + " --set model.vocab_size=256");
+  const CommandResult missing =
+      run_moelab("run " + quoted(tiny_lm_recipe(dir, "[data]\nkind = \"text\"\npaths = [\"nothing/*.txt\"]\n")) +
+                 " --out " + quoted(dir / "missing") + " --set model.vocab_size=256");
   CHECK(missing.status == 2);
   CHECK(missing.output.find("nothing/*.txt") != std::string::npos);
   CHECK(!fs::exists(dir / "missing" / "lm"));

@@ -540,7 +540,8 @@ paths = ["corpus/*.txt"]
   CHECK(config.data.paths[0].filename() == "*.txt");
   CHECK(config.data.paths[0].parent_path().parent_path().filename() == "dir");  // relative to the recipe
 
-  const Diagnostics bad = errors_of(kMinimal + "[data]\nkind = \"tokens\"\n[train]\nschedule = \"step\"\nmin_lr_ratio = 2.0\n");
+  const Diagnostics bad =
+      errors_of(kMinimal + "[data]\nkind = \"tokens\"\n[train]\nschedule = \"step\"\nmin_lr_ratio = 2.0\n");
   std::string all;
   for (const auto& d : bad.items()) all += d.key + ": " + d.message + "\n";
   CAPTURE(all);

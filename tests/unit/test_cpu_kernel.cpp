@@ -1159,14 +1159,18 @@ TEST_CASE("shape and dtype mismatches throw RuntimeError naming the op and the s
 // two threads where two cores exist.
 Tensor wide_f32_inputs(Rng& rng, int64_t rows, int64_t cols) {
   std::vector<double> values(static_cast<size_t>(rows * cols));
-  const double specials[] = {0.0,     -0.0,   1e-30,  -1e-30, 17.0,   -17.0,  87.0,   -87.0,  -87.5,  -100.0,
-                             -103.5,  -104.0, -110.0, 110.0,  1e4,    -1e4,   1e30,   -1e30,  INFINITY, -INFINITY};
+  const double specials[] = {0.0,    -0.0,   1e-30,  -1e-30, 17.0, -17.0, 87.0, -87.0, -87.5,    -100.0,
+                             -103.5, -104.0, -110.0, 110.0,  1e4,  -1e4,  1e30, -1e30, INFINITY, -INFINITY};
   for (size_t i = 0; i < values.size(); ++i) {
     const double pick = rng.uniform();
-    if (i < std::size(specials)) values[i] = specials[i];
-    else if (pick < 0.5) values[i] = rng.uniform(-8.0, 8.0);
-    else if (pick < 0.9) values[i] = rng.uniform(-110.0, 110.0);
-    else values[i] = (rng.uniform() < 0.5 ? -1 : 1) * std::exp(rng.uniform(-20.0, 12.0));
+    if (i < std::size(specials))
+      values[i] = specials[i];
+    else if (pick < 0.5)
+      values[i] = rng.uniform(-8.0, 8.0);
+    else if (pick < 0.9)
+      values[i] = rng.uniform(-110.0, 110.0);
+    else
+      values[i] = (rng.uniform() < 0.5 ? -1 : 1) * std::exp(rng.uniform(-20.0, 12.0));
   }
   return tensor_of(DType::f32, {rows, cols}, values);
 }
@@ -1198,9 +1202,9 @@ TEST_CASE("f32 sigmoid and silu stay within the stated tolerance of double, larg
     if (std::isinf(vx[i])) continue;  // silu(-inf) = -inf * 0 is NaN, as in libm's formula
     const double silu_ref_value = vx[i] * ref;
     // one more rounding (the product) and x times sigmoid's subnormal error
-    worst_silu = std::max(worst_silu, std::abs(vsilu[i] - silu_ref_value) /
-                                          ((kFastSigmoidRelative + 6e-8) * std::abs(silu_ref_value) +
-                                           std::abs(vx[i]) * kSubnormalUlp + kSubnormalUlp));
+    worst_silu = std::max(
+        worst_silu, std::abs(vsilu[i] - silu_ref_value) / ((kFastSigmoidRelative + 6e-8) * std::abs(silu_ref_value) +
+                                                           std::abs(vx[i]) * kSubnormalUlp + kSubnormalUlp));
   }
   CHECK(worst_sigmoid <= 1.0);
   CHECK(worst_silu <= 1.0);

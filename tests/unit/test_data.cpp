@@ -29,15 +29,12 @@ namespace {
 
 #define CHECK_CONTAINS(text, part) CHECK_MESSAGE((text).find(part) != std::string::npos, (text))
 
-
-
 template <class Token>
 void write_tokens(const fs::path& path, const std::vector<Token>& tokens) {
   std::string bytes(tokens.size() * sizeof(Token), '\0');
   std::memcpy(bytes.data(), tokens.data(), bytes.size());  // the host is little-endian, as the format
   write_bytes(path, bytes);
 }
-
 
 DataConfig markov(int64_t domains, int64_t order, int64_t branching, double concentration = 1.0) {
   DataConfig config;

@@ -155,7 +155,8 @@ TEST_CASE("fine_grained multiplies num_experts and top_k by segments and keeps t
   const int64_t d = 32, d_ff = 128;
   for (const bool gated : {true, false}) {
     CAPTURE(gated);
-    const ParamSet params = plugin_params(PluginKind::experts, "fine_grained", {{"segments", int64_t{4}}, {"d_ff", d_ff}, {"gated", gated}});
+    const ParamSet params = plugin_params(PluginKind::experts, "fine_grained",
+                                          {{"segments", int64_t{4}}, {"d_ff", d_ff}, {"gated", gated}});
     LayerSpec spec = layer_spec(16, 2, d);  // the recipe's coarse layout: 16 experts, top-2
     info.manifest->adjust_layer(params, spec);
     CHECK(spec.num_experts == 64);
@@ -164,8 +165,9 @@ TEST_CASE("fine_grained multiplies num_experts and top_k by segments and keeps t
     auto fine = registry().make_experts("fine_grained", params, spec, cpu_kernel(), rng);
     // The coarse layout: 16 glu (or full) experts of width d_ff, top-2.
     const std::string coarse_name = gated ? "glu" : "full";
-    auto coarse = registry().make_experts(coarse_name, plugin_params(PluginKind::experts, coarse_name, {{"d_ff", d_ff}}), layer_spec(16, 2, d),
-                                          cpu_kernel(), rng);
+    auto coarse =
+        registry().make_experts(coarse_name, plugin_params(PluginKind::experts, coarse_name, {{"d_ff", d_ff}}),
+                                layer_spec(16, 2, d), cpu_kernel(), rng);
     CHECK(fine->flops_per_routed_token() * static_cast<double>(spec.top_k) ==
           doctest::Approx(coarse->flops_per_routed_token() * 2.0));
     CHECK(fine->flops_per_routed_token() * 4.0 == doctest::Approx(coarse->flops_per_routed_token()));
@@ -179,22 +181,25 @@ TEST_CASE("fine_grained rejects a d_ff that segments does not divide, naming d_f
   const PluginInfo& info = info_of("fine_grained");
   REQUIRE(static_cast<bool>(info.manifest->check));
   ParamProblems problems;
-  info.manifest->check(plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{258}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
-                       problems);
+  info.manifest->check(
+      plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{258}}, {"segments", int64_t{4}}}),
+      layer_spec(8, 2), problems);
   REQUIRE(problems.size() == 1);
   CHECK(problems[0].param == "d_ff");
   CHECK(problems[0].message.find("divisible by segments (4)") != std::string::npos);
   CHECK(problems[0].message.find("258") != std::string::npos);
   problems.clear();
-  info.manifest->check(plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{256}}, {"segments", int64_t{4}}}), layer_spec(8, 2),
-                       problems);
+  info.manifest->check(
+      plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{256}}, {"segments", int64_t{4}}}),
+      layer_spec(8, 2), problems);
   CHECK(problems.empty());
 }
 
 TEST_CASE("fine_grained experts equal a naive GLU of width d_ff / segments and their gradients are exact") {
   Ops& ops = cpu_kernel();
   const int64_t d = 5;
-  const ParamSet params = plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
+  const ParamSet params =
+      plugin_params(PluginKind::experts, "fine_grained", {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
   LayerSpec spec = layer_spec(3, 1, d);
   info_of("fine_grained").manifest->adjust_layer(params, spec);  // 6 experts of width 3, top-2
   auto experts = make_experts("fine_grained", spec, {{"d_ff", int64_t{6}}, {"segments", int64_t{2}}});
@@ -244,8 +249,8 @@ TEST_CASE("shared_routed names routed and shared parameters apart and sizes the 
   CHECK(names.at("shared.gate")->value.shape() == Shape{1, d});
   // FLOPs describe one routed expert only.
   Rng rng(1);
-  auto glu =
-      registry().make_experts("glu", plugin_params(PluginKind::experts, "glu", {{"d_ff", int64_t{5}}}), layer_spec(3, 1, d), cpu_kernel(), rng);
+  auto glu = registry().make_experts("glu", plugin_params(PluginKind::experts, "glu", {{"d_ff", int64_t{5}}}),
+                                     layer_spec(3, 1, d), cpu_kernel(), rng);
   CHECK(gated->flops_per_routed_token() == doctest::Approx(glu->flops_per_routed_token()));
 }
 

@@ -54,7 +54,8 @@ MoeConfig moe_config(const std::string& router, const std::string& experts) {
   moe.router = {router, defaults_of(registry().require(PluginKind::router, router).schema), "moe.router"};
   moe.experts = {experts, defaults_of(registry().require(PluginKind::experts, experts).schema), "moe.experts"};
   for (const auto& name : registry().names(PluginKind::balancer))
-    moe.balancers.push_back({name, defaults_of(registry().require(PluginKind::balancer, name).schema), "moe.balancers"});
+    moe.balancers.push_back(
+        {name, defaults_of(registry().require(PluginKind::balancer, name).schema), "moe.balancers"});
   return moe;
 }
 
@@ -162,8 +163,8 @@ attention = "mha"
 n_heads = 2
 norm = "rmsnorm"
 )" + kMoe);
-  CHECK(c.total.attention == 2 * 4 * 8 * 8);       // W_q, W_k, W_v, W_o [8, 8] per layer
-  CHECK(c.total.norms == 2 * 2 * 8 + 8);           // two per layer, one final
+  CHECK(c.total.attention == 2 * 4 * 8 * 8);  // W_q, W_k, W_v, W_o [8, 8] per layer
+  CHECK(c.total.norms == 2 * 2 * 8 + 8);      // two per layer, one final
   CHECK(c.total.embeddings == 80);
   CHECK(c.total.head == 80);
   CHECK(c.total.routed_experts == 2 * 4 * 144);
@@ -401,7 +402,8 @@ TEST_CASE("inspect --point describes one run of a sweep, the same as that run's 
   CHECK(out_of_range.output.find("from 1 to 2") != std::string::npos);
   const fs::path plain = fs::path(MOELAB_SOURCE_DIR) / "recipes" / "default.toml";
   for (const auto& [point, experts] : std::vector<std::pair<int, int>>{{1, 4}, {2, 16}}) {
-    const CommandResult swept = run_moelab("inspect " + quoted(recipe) + " --point " + std::to_string(point) + " --json", false);
+    const CommandResult swept =
+        run_moelab("inspect " + quoted(recipe) + " --point " + std::to_string(point) + " --json", false);
     const CommandResult set =
         run_moelab("inspect " + quoted(plain) + " --set moe.num_experts=" + std::to_string(experts) + " --json", false);
     REQUIRE(swept.status == 0);
@@ -414,7 +416,8 @@ TEST_CASE("inspect --point describes one run of a sweep, the same as that run's 
 }
 
 TEST_CASE("without attention, a layer has only the norm before its FFN") {
-  const ModelCounts c = counts_of("[model]\nd_model = 8\nn_layers = 3\nnorm = \"layernorm\"\nnorm_bias = true\n" + kMoe);
+  const ModelCounts c =
+      counts_of("[model]\nd_model = 8\nn_layers = 3\nnorm = \"layernorm\"\nnorm_bias = true\n" + kMoe);
   CHECK(c.total.attention == 0);
   CHECK(c.total.norms == (3 + 1) * 2 * 8);  // one per layer and the final one, scale and bias
   CHECK(c.attention_score_flops_per_token == 0);

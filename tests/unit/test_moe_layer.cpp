@@ -161,7 +161,8 @@ TEST_CASE("every registered balancer passes the layer gradient check in double")
     check_layer_gradients(small_moe("softmax_topk", "glu", balancers, Overflow::dropless, 1.0), small_spec(), name);
   }
   // Several at once add up.
-  const std::vector<PluginChoice> all{choice(PluginKind::balancer, "switch_aux"), choice(PluginKind::balancer, "z_loss")};
+  const std::vector<PluginChoice> all{choice(PluginKind::balancer, "switch_aux"),
+                                      choice(PluginKind::balancer, "z_loss")};
   check_layer_gradients(small_moe("softmax_topk", "full", all, Overflow::drop, 1.0), small_spec(), "switch_aux+z_loss");
 }
 
@@ -222,8 +223,8 @@ TEST_CASE("capacity: first choices are served before second choices and drops ar
   int64_t processed = 0;
   for (size_t e = 0; e < s.tokens_per_expert.size(); ++e) {
     CHECK(s.tokens_per_expert[e] <= 2);
-    CHECK(s.tokens_per_expert[e] == std::min<int64_t>(2, s.routed_per_expert[e]) +
-                                        0);  // drop: an expert processes min(capacity, routed)
+    CHECK(s.tokens_per_expert[e] ==
+          std::min<int64_t>(2, s.routed_per_expert[e]) + 0);  // drop: an expert processes min(capacity, routed)
     processed += s.tokens_per_expert[e];
   }
   CHECK(s.dropped == s.assignments - processed);
@@ -233,7 +234,8 @@ TEST_CASE("capacity: first choices are served before second choices and drops ar
   const int64_t max_routed = *std::max_element(s.routed_per_expert.begin(), s.routed_per_expert.end());
   const int64_t max_served = *std::max_element(s.tokens_per_expert.begin(), s.tokens_per_expert.end());
   CHECK(s.routed_max_violation == doctest::Approx(static_cast<double>(max_routed) / 4.0 - 1.0));
-  CHECK(s.max_violation == doctest::Approx(static_cast<double>(max_served) / (static_cast<double>(processed) / 4.0) - 1.0));
+  CHECK(s.max_violation ==
+        doctest::Approx(static_cast<double>(max_served) / (static_cast<double>(processed) / 4.0) - 1.0));
   CHECK(max_routed > 2);  // this input overflows an expert, so the two figures differ
   CHECK(s.routed_max_violation != doctest::Approx(s.max_violation));
 

@@ -35,7 +35,8 @@ TEST_CASE("AdamW follows Loshchilov & Hutter's decoupled update, decay only wher
     }
     return p;
   };
-  const std::vector<double> start_w = values_of(ops.to_host(decayed.value)), start_b = values_of(ops.to_host(plain.value));
+  const std::vector<double> start_w = values_of(ops.to_host(decayed.value)),
+                            start_b = values_of(ops.to_host(plain.value));
   std::vector<std::vector<double>> grads_w, grads_b;
   for (int step = 1; step <= 3; ++step) {
     const Tensor gw = random_normal(DType::f64, {5}, rng), gb = random_normal(DType::f64, {3}, rng);

@@ -232,7 +232,7 @@ TEST_CASE("overrides: values are TOML, bare words are strings, new keys are allo
       "moe.capacity_factor = 1.5",
       "train.use_bias=true",
       "moe.router.type=softmax_topk",  // bare word -> string; the same plugin, so its table is kept
-      "output.dir=runs/exp-1",       // a path is a bare word too
+      "output.dir=runs/exp-1",         // a path is a bare word too
       "name=\"quoted name\"",
       "moe.list=[1, 2, 3]",
       "moe.experts={type = \"glu\", d_ff = 64}",
@@ -586,7 +586,8 @@ TEST_CASE("a later file or --set naming another plugin replaces the plugin table
   const fs::path dir = fs::temp_directory_path() / ("moelab-plugin-switch-" + std::to_string(::getpid()));
   fs::create_directories(dir);
   std::ofstream(dir / "base.toml") << "[moe.router]\ntype = \"softmax_topk\"\nrenormalize = true\njitter_eps = 0.1\n";
-  std::ofstream(dir / "same.toml") << "extends = \"base.toml\"\n[moe.router]\ntype = \"softmax_topk\"\ntemperature = 2.0\n";
+  std::ofstream(dir / "same.toml")
+      << "extends = \"base.toml\"\n[moe.router]\ntype = \"softmax_topk\"\ntemperature = 2.0\n";
   std::ofstream(dir / "other.toml") << "extends = \"base.toml\"\n[moe.router]\ntype = \"hash\"\nmode = \"random\"\n";
   // The same plugin merges key by key.
   const moelab::Recipe same = moelab::Recipe::load(dir / "same.toml");
@@ -597,8 +598,8 @@ TEST_CASE("a later file or --set naming another plugin replaces the plugin table
   CHECK(!other.table().at_path("moe.router.renormalize"));
   CHECK(other.table().at_path("moe.router.mode").value<std::string>() == "random");
   // --set does the same, and later --set options apply to the new plugin.
-  const moelab::Recipe set = moelab::Recipe::load(
-      dir / "base.toml", moelab::LoadOptions{{"moe.router.type=hash", "moe.router.seed=3"}});
+  const moelab::Recipe set =
+      moelab::Recipe::load(dir / "base.toml", moelab::LoadOptions{{"moe.router.type=hash", "moe.router.seed=3"}});
   CHECK(!set.table().at_path("moe.router.jitter_eps"));
   CHECK(set.table().at_path("moe.router.seed").value<int64_t>() == 3);
   CHECK(set.where("moe.router.type").file == "<--set moe.router.type=hash>");

@@ -25,8 +25,6 @@ using test::write_bytes;
 
 namespace {
 
-
-
 std::string read_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
   std::ostringstream content;

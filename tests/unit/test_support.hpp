@@ -74,7 +74,8 @@ inline ParamSet plugin_params(PluginKind kind, const std::string& name, const Ov
   const PluginInfo& info = registry().require(kind, name);
   ParamSet params = defaults_of(info.schema);
   for (const auto& [key, value] : overrides) {
-    const auto spec = std::find_if(info.schema.begin(), info.schema.end(), [&](const ParamSpec& p) { return p.name == key; });
+    const auto spec =
+        std::find_if(info.schema.begin(), info.schema.end(), [&](const ParamSpec& p) { return p.name == key; });
     if (spec == info.schema.end()) throw RuntimeError(fmt::format("{} has no parameter '{}'", name, key));
     if (auto problem = check_param_value(*spec, value); !problem.empty())
       throw RuntimeError(fmt::format("{}.{}: {}", name, key, problem));

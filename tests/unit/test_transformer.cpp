@@ -23,14 +23,17 @@ std::string recipe_text(const std::string& model_extra, const std::string& dtype
   return R"(
 [model]
 d_model = 8
-dtype = ")" + dtype + R"("
+dtype = ")" +
+         dtype + R"("
 vocab_size = 13
 n_layers = 2
 n_heads = 2
 d_ff = 12
 first_dense_layers = 1
-init_std = )" + std::string(dtype == "f64" ? "0.3" : "0.02") + R"(
-)" + model_extra + R"(
+init_std = )" +
+         std::string(dtype == "f64" ? "0.3" : "0.02") + R"(
+)" + model_extra +
+         R"(
 [moe]
 num_experts = 4
 top_k = 2
@@ -127,18 +130,24 @@ TEST_CASE("transformer gradients match finite differences in double, for every m
   const std::vector<std::pair<const char*, std::string>> variants = {
       {"mha + rmsnorm", "attention = \"mha\"\nnorm = \"rmsnorm\"\n"},
       {"gqa + rmsnorm, untied", "attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n"},
-      {"mha + layernorm with bias, tied", "attention = \"mha\"\nnorm = \"layernorm\"\nnorm_bias = true\ntied_embeddings = true\n"},
+      {"mha + layernorm with bias, tied",
+       "attention = \"mha\"\nnorm = \"layernorm\"\nnorm_bias = true\ntied_embeddings = true\n"},
       {"mha, no norms, attention biases", "attention = \"mha\"\nattention_bias = true\n"},
-      {"qkv biases + per-head qk norm (Qwen3)", "attention = \"gqa\"\nn_kv_heads = 1\nqkv_bias = true\nqk_norm = \"head\"\nnorm = \"rmsnorm\"\n"},
+      {"qkv biases + per-head qk norm (Qwen3)",
+       "attention = \"gqa\"\nn_kv_heads = 1\nqkv_bias = true\nqk_norm = \"head\"\nnorm = \"rmsnorm\"\n"},
       {"full qk norm (OLMoE)", "attention = \"mha\"\nqk_norm = \"full\"\nnorm = \"rmsnorm\"\n"},
       {"MLA with query compression (DeepSeek-V2/V3)",
-       "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n"},
+       "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim "
+       "= 3\nnorm = \"rmsnorm\"\n"},
       {"MLA without query compression (V2-Lite)",
-       "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = \"rmsnorm\"\n"},
+       "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = "
+       "\"rmsnorm\"\n"},
       {"two multi-token prediction modules over MLA (DeepSeek-V3)",
-       "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = \"rmsnorm\"\n"
+       "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 3\nqk_rope_head_dim = 4\nv_head_dim = 2\nnorm = "
+       "\"rmsnorm\"\n"
        "mtp_modules = 2\n"},
-      {"dense FFN 'full' with gelu", "attention = \"mha\"\nnorm = \"rmsnorm\"\ndense_ffn = \"full\"\ndense_activation = \"gelu\"\n"},
+      {"dense FFN 'full' with gelu",
+       "attention = \"mha\"\nnorm = \"rmsnorm\"\ndense_ffn = \"full\"\ndense_activation = \"gelu\"\n"},
   };
   for (const auto& [label, extra] : variants) {
     CAPTURE(label);
@@ -171,8 +180,10 @@ TEST_CASE("the transformer's parameters are what inspect counts") {
        {"attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n",
         "attention = \"mha\"\nnorm = \"layernorm\"\nnorm_bias = true\ntied_embeddings = true\nattention_bias = true\n",
         "attention = \"gqa\"\nn_kv_heads = 1\nqk_norm = \"head\"\nqkv_bias = true\nnorm = \"rmsnorm\"\n",
-        "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n",
-        "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = \"rmsnorm\"\nmtp_modules = 1\n"}) {
+        "attention = \"mla\"\nq_lora_rank = 6\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = "
+        "2\nv_head_dim = 3\nnorm = \"rmsnorm\"\n",
+        "attention = \"mla\"\nkv_lora_rank = 5\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 3\nnorm = "
+        "\"rmsnorm\"\nmtp_modules = 1\n"}) {
     CAPTURE(extra);
     const RunConfig config = config_of(recipe_text(extra, "f32"));
     Rng rng(1);

@@ -43,7 +43,9 @@ LayerSpec spec() {
   return s;
 }
 
-Tensor output(MoeLayer& layer, const Tensor& x) { return cpu().to_host(layer.forward(x, LayerInput{false, 0, 1, 0, nullptr})); }
+Tensor output(MoeLayer& layer, const Tensor& x) {
+  return cpu().to_host(layer.forward(x, LayerInput{false, 0, 1, 0, nullptr}));
+}
 
 void check_round_trip(const std::string& experts, const std::string& format, const std::string& sample_name) {
   CAPTURE(format);
@@ -86,7 +88,7 @@ TEST_CASE("HF names split the fused gate/up projection in the right order") {
   for (const auto& [name, p] : layer.named_parameters())
     if (name == "experts.w_in") w_in = p->value;
   for (const auto& [name, t] : exported) {
-    if (name == "experts.1.w1.weight") CHECK(host_value(t, 0) == host_value(w_in, 1 * 12 * 5));          // gate rows first
+    if (name == "experts.1.w1.weight") CHECK(host_value(t, 0) == host_value(w_in, 1 * 12 * 5));  // gate rows first
     if (name == "experts.1.w3.weight") CHECK(host_value(t, 0) == host_value(w_in, 1 * 12 * 5 + 6 * 5));  // then up
   }
 }

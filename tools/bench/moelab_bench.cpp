@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
     if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
     if (a == "--shape") {
       BenchShape s{};
-      if (std::sscanf(argv[++i], "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.tokens, &s.d_model, &s.d_ff, &s.experts, &s.top_k) != 5 ||
+      if (std::sscanf(argv[++i], "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.tokens, &s.d_model,
+                      &s.d_ff, &s.experts, &s.top_k) != 5 ||
           s.tokens < 1 || s.d_model < 1 || s.d_ff < 1 || s.experts < 1 || s.top_k < 1 || s.top_k > s.experts) {
         std::fprintf(stderr, "moelab-bench: error: --shape wants T,d,F,E,k with 1 <= k <= E, got '%s'\n", argv[i]);
         return 2;
@@ -101,7 +102,8 @@ int main(int argc, char** argv) {
 
   try {
     PluginRegistry registry = PluginRegistry::with_default_path();
-    std::shared_ptr<Ops> ops = registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
+    std::shared_ptr<Ops> ops =
+        registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
     std::printf(
         "kernel %s, OPENBLAS_CORETYPE=%s, median of %d rounds (dense, forward, forward+backward "
@@ -170,9 +172,10 @@ int main(int argc, char** argv) {
       const double dense_rate = expert_flops / seconds[0];
       const double forward_rate = forward_flops / seconds[1];
       const double both_rate = 3.0 * forward_flops / seconds[2];
-      std::printf("| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %.1f | %.1f | %.2f | %.1f | %.2f |\n", s.tokens, s.d_model, s.d_ff,
-                  s.experts, s.top_k, dense_rate / 1e9, forward_rate / 1e9, forward_rate / dense_rate, both_rate / 1e9,
-                  both_rate / dense_rate);
+      std::printf("| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64
+                  " | %.1f | %.1f | %.2f | %.1f | %.2f |\n",
+                  s.tokens, s.d_model, s.d_ff, s.experts, s.top_k, dense_rate / 1e9, forward_rate / 1e9,
+                  forward_rate / dense_rate, both_rate / 1e9, both_rate / dense_rate);
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {

@@ -23,17 +23,22 @@ std::vector<std::string> ParsedArgs::all(const std::string& name) const {
 ParsedArgs parse_args(const ArgSpec& spec, const Args& args) {
   ParsedArgs out;
   auto is_option = [&](const std::string& n) {
-    for (const auto& [name, doc] : spec.options) if (name == n) return true;
+    for (const auto& [name, doc] : spec.options)
+      if (name == n) return true;
     return false;
   };
   auto is_flag = [&](const std::string& n) {
-    for (const auto& [name, doc] : spec.flags) if (name == n) return true;
+    for (const auto& [name, doc] : spec.flags)
+      if (name == n) return true;
     return false;
   };
   const std::string usage_hint = fmt::format("usage: {}  (see --help)", spec.usage);
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
-    if (a == "--help" || a == "-h") { out.help = true; continue; }
+    if (a == "--help" || a == "-h") {
+      out.help = true;
+      continue;
+    }
     if (a.size() > 1 && a[0] == '-') {
       std::string name = a, value;
       bool has_value = false;
@@ -42,7 +47,10 @@ ParsedArgs parse_args(const ArgSpec& spec, const Args& args) {
         value = a.substr(eq + 1);
         has_value = true;
       }
-      if (is_flag(name) && !has_value) { out.flags[name] = true; continue; }
+      if (is_flag(name) && !has_value) {
+        out.flags[name] = true;
+        continue;
+      }
       if (is_option(name)) {
         if (!has_value) {
           if (i + 1 >= args.size()) throw UsageError(fmt::format("option {} needs a value; {}", name, usage_hint));
@@ -56,8 +64,7 @@ ParsedArgs parse_args(const ArgSpec& spec, const Args& args) {
     out.positional.push_back(a);
   }
   if (!out.help) {
-    if (out.positional.size() < spec.min_positional)
-      throw UsageError(fmt::format("missing argument; {}", usage_hint));
+    if (out.positional.size() < spec.min_positional) throw UsageError(fmt::format("missing argument; {}", usage_hint));
     if (out.positional.size() > spec.max_positional)
       throw UsageError(fmt::format("unexpected argument '{}'; {}", out.positional[spec.max_positional], usage_hint));
   }

@@ -18,8 +18,8 @@ inline constexpr int kExitUsage = 2;    // bad usage or a bad recipe
 // Declares what a subcommand accepts. Options take a value ("--set a=1", "--set=a=1"); flags do
 // not ("--json"). Repeated options accumulate.
 struct ArgSpec {
-  std::string usage;                 // "moelab check RECIPE [--set KEY=VALUE]... [--json]"
-  std::string description;           // a paragraph for --help
+  std::string usage;                                         // "moelab check RECIPE [--set KEY=VALUE]... [--json]"
+  std::string description;                                   // a paragraph for --help
   std::vector<std::pair<std::string, std::string>> options;  // ("--set", "KEY=VALUE  override ...")
   std::vector<std::pair<std::string, std::string>> flags;    // ("--json", "machine-readable output")
   size_t min_positional = 0, max_positional = 0;
@@ -31,7 +31,10 @@ struct ParsedArgs {
   std::map<std::string, bool> flags;
   bool help = false;
 
-  bool flag(const std::string& name) const { auto it = flags.find(name); return it != flags.end() && it->second; }
+  bool flag(const std::string& name) const {
+    auto it = flags.find(name);
+    return it != flags.end() && it->second;
+  }
   std::optional<std::string> option(const std::string& name) const;  // the last value given
   std::vector<std::string> all(const std::string& name) const;
 };

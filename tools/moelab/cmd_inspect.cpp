@@ -2,9 +2,9 @@
 // token, forward FLOPs per token and parameter memory — without allocating a weight: the MoE layer
 // is built from its real plugins on the meta kernel, the transformer around it is counted by the
 // formulas of model_shape.cpp. Works on a 671B-parameter recipe.
-#include <boost/json.hpp>
 #include <fmt/format.h>
 
+#include <boost/json.hpp>
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -37,10 +37,14 @@ std::string bytes(double n) {
 // The parts in report order, with their JSON names.
 const std::vector<std::pair<const char*, double PartCounts::*>>& parts() {
   static const std::vector<std::pair<const char*, double PartCounts::*>> list{
-      {"embeddings", &PartCounts::embeddings},     {"attention", &PartCounts::attention},
-      {"dense_ffn", &PartCounts::dense_ffn},       {"routed_experts", &PartCounts::routed_experts},
-      {"shared_experts", &PartCounts::shared_experts}, {"routers", &PartCounts::routers},
-      {"norms", &PartCounts::norms},               {"head", &PartCounts::head},
+      {"embeddings", &PartCounts::embeddings},
+      {"attention", &PartCounts::attention},
+      {"dense_ffn", &PartCounts::dense_ffn},
+      {"routed_experts", &PartCounts::routed_experts},
+      {"shared_experts", &PartCounts::shared_experts},
+      {"routers", &PartCounts::routers},
+      {"norms", &PartCounts::norms},
+      {"head", &PartCounts::head},
       {"balancers", &PartCounts::balancers}};
   return list;
 }
@@ -60,7 +64,8 @@ boost::json::object parts_json(const PartCounts& counts, bool whole) {
 }
 
 boost::json::object memory_json(double params) {
-  return {{"f32", count_json(params * 4, true)}, {"bf16", count_json(params * 2, true)}, {"fp8", count_json(params, true)}};
+  return {
+      {"f32", count_json(params * 4, true)}, {"bf16", count_json(params * 2, true)}, {"fp8", count_json(params, true)}};
 }
 
 int64_t parse_seq_len(const ParsedArgs& parsed) {
@@ -106,9 +111,10 @@ int cmd_inspect(const Args& args) {
   std::vector<Recipe::SweepPoint> points = loaded.expand_sweep();
   const std::optional<size_t> point = sweep_point(parsed, points.size());
   if (!point && points.size() > 1)
-    throw UsageError(fmt::format("{}: the recipe's [sweep] describes {} runs; name one with --point N (1 to {}; "
-                                 "moelab show lists them)",
-                                 parsed.positional[0], points.size(), points.size()));
+    throw UsageError(
+        fmt::format("{}: the recipe's [sweep] describes {} runs; name one with --point N (1 to {}; "
+                    "moelab show lists them)",
+                    parsed.positional[0], points.size(), points.size()));
   Recipe& recipe = *points[point.value_or(0)].recipe;
   PluginRegistry registry = PluginRegistry::with_default_path();
   const RunConfig config = build_config(recipe, registry);
@@ -126,7 +132,9 @@ int cmd_inspect(const Args& args) {
     o["architecture"] = architecture_name(m.architecture);
     o["attention"] = attention_name(m.attention);
     o["d_model"] = s.d_model;
-    o["layers"] = {{"decoder", m.n_layers}, {"encoder", m.n_encoder_layers}, {"moe", counts.moe_layers},
+    o["layers"] = {{"decoder", m.n_layers},
+                   {"encoder", m.n_encoder_layers},
+                   {"moe", counts.moe_layers},
                    {"dense", counts.dense_layers}};
     o["num_experts"] = s.num_experts;
     o["top_k"] = s.top_k;
@@ -141,10 +149,13 @@ int cmd_inspect(const Args& args) {
     o["forward_flops_per_token"] = counts.forward_flops_per_token;
     o["attention_score_flops_per_token"] = counts.attention_score_flops_per_token;
     o["memory_bytes"] = memory_json(total);
-    o["mtp"] = {{"modules", m.mtp_modules}, {"parameters", parts_json(counts.mtp_total, true)},
+    o["mtp"] = {{"modules", m.mtp_modules},
+                {"parameters", parts_json(counts.mtp_total, true)},
                 {"active_parameters", parts_json(counts.mtp_active, false)}};
-    boost::json::object moe_layer{{"router", moe.router}, {"routed_experts", moe.routed_experts},
-                                  {"shared_experts", moe.shared_experts}, {"balancers", moe.balancers}};
+    boost::json::object moe_layer{{"router", moe.router},
+                                  {"routed_experts", moe.routed_experts},
+                                  {"shared_experts", moe.shared_experts},
+                                  {"balancers", moe.balancers}};
     boost::json::object names;
     for (const auto& [name, n] : moe.by_name) names[name] = n;
     moe_layer["by_name"] = std::move(names);
@@ -160,13 +171,12 @@ int cmd_inspect(const Args& args) {
     return kExitOk;
   }
 
-  std::printf("%s: %s, %lld decoder%s layers (%lld MoE, %lld dense), d_model %lld, attention %s\n",
-              config.name.c_str(), architecture_name(m.architecture), static_cast<long long>(m.n_layers),
-              m.architecture == Architecture::encoder_decoder
-                  ? fmt::format(" + {} encoder", m.n_encoder_layers).c_str()
-                  : "",
-              static_cast<long long>(counts.moe_layers), static_cast<long long>(counts.dense_layers),
-              static_cast<long long>(s.d_model), attention_name(m.attention));
+  std::printf(
+      "%s: %s, %lld decoder%s layers (%lld MoE, %lld dense), d_model %lld, attention %s\n", config.name.c_str(),
+      architecture_name(m.architecture), static_cast<long long>(m.n_layers),
+      m.architecture == Architecture::encoder_decoder ? fmt::format(" + {} encoder", m.n_encoder_layers).c_str() : "",
+      static_cast<long long>(counts.moe_layers), static_cast<long long>(counts.dense_layers),
+      static_cast<long long>(s.d_model), attention_name(m.attention));
   if (point) std::printf("  sweep point %zu/%zu: %s\n", *point + 1, points.size(), points[*point].label.c_str());
   std::printf("  MoE: %lld experts (%s), top-%lld, router %s\n", static_cast<long long>(s.num_experts),
               config.moe.experts.type.c_str(), static_cast<long long>(s.top_k), config.moe.router.type.c_str());
@@ -176,8 +186,7 @@ int cmd_inspect(const Args& args) {
     std::printf("  %-18s %18.0f %10s %18.0f %10s\n", name, counts.total.*part, human(counts.total.*part).c_str(),
                 counts.active.*part, human(counts.active.*part).c_str());
   }
-  std::printf("  %-18s %18.0f %10s %18.0f %10s\n", "total", total, human(total).c_str(), active,
-              human(active).c_str());
+  std::printf("  %-18s %18.0f %10s %18.0f %10s\n", "total", total, human(total).c_str(), active, human(active).c_str());
   if (m.mtp_modules > 0)
     std::printf("  %-18s %18.0f %10s %18.0f %10s  (not in the total above)\n",
                 fmt::format("mtp x{}", m.mtp_modules).c_str(), mtp_total, human(mtp_total).c_str(), mtp_active,

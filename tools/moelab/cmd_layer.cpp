@@ -41,14 +41,16 @@ int cmd_layer(const Args& args) {
       "                    [--names FORMAT] [--prefix P] [--grad DY.safetensors] [--save-weights FILE] [--eval]",
       "Runs the MoE layer RECIPE describes on the tensor 'x' [T, d] of IN (and 'token_ids' [T], i32,\n"
       "when the router needs them). Weights come from W (under moelab's names, or HF transformers'\n"
-      "names with --names " + formats + "; --prefix is prepended to each name),\n"
-      "else from the recipe's seed. OUT receives: 'y' [T, d]; 'routing.token', 'routing.expert',\n"
-      "'routing.weight', 'routing.rank' [A] (the router's assignments), 'routing.final_expert' [A]\n"
-      "(after capacity, -1 when dropped), 'routing.logits' and 'routing.probs' [T, E]; 'aux.NAME' for\n"
-      "each balancer's loss and 'aux.total'. Given --grad (a file with 'dy' [T, d]) it also holds\n"
-      "'grad.x' and 'grad.PARAM' for every parameter, in moelab's names. --save-weights writes the\n"
-      "layer's weights in the --names format (a round trip through HF names). --eval runs in\n"
-      "evaluation mode (no noise or jitter, the evaluation capacity factor).",
+      "names with --names " +
+          formats +
+          "; --prefix is prepended to each name),\n"
+          "else from the recipe's seed. OUT receives: 'y' [T, d]; 'routing.token', 'routing.expert',\n"
+          "'routing.weight', 'routing.rank' [A] (the router's assignments), 'routing.final_expert' [A]\n"
+          "(after capacity, -1 when dropped), 'routing.logits' and 'routing.probs' [T, E]; 'aux.NAME' for\n"
+          "each balancer's loss and 'aux.total'. Given --grad (a file with 'dy' [T, d]) it also holds\n"
+          "'grad.x' and 'grad.PARAM' for every parameter, in moelab's names. --save-weights writes the\n"
+          "layer's weights in the --names format (a round trip through HF names). --eval runs in\n"
+          "evaluation mode (no noise or jitter, the evaluation capacity factor).",
       {{"--input", "safetensors file holding 'x' (and optionally 'token_ids')"},
        {"--output", "safetensors file to write (written whole or not at all)"},
        {"--weights", "safetensors file with the layer's weights"},
@@ -131,7 +133,8 @@ int cmd_layer(const Args& args) {
                                               {"dropped", std::to_string(layer.stats().dropped)},
                                               {"capacity", std::to_string(layer.stats().capacity)}};
   write_safetensors(*parsed.option("--output"), out, metadata);
-  if (auto file = parsed.option("--save-weights")) write_safetensors(*file, export_layer_weights(layer, *ops, names, prefix));
+  if (auto file = parsed.option("--save-weights"))
+    write_safetensors(*file, export_layer_weights(layer, *ops, names, prefix));
   std::printf("%s: %lld tokens, %lld assignments, %lld dropped, aux loss %.6g\n", parsed.option("--output")->c_str(),
               static_cast<long long>(tokens), static_cast<long long>(layer.stats().assignments),
               static_cast<long long>(layer.stats().dropped), layer.stats().aux_loss);

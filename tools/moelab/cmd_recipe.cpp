@@ -1,8 +1,8 @@
 // moelab check / moelab show: load a recipe, expand its sweep, validate every point.
-#include <boost/json.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <boost/json.hpp>
 #include <cstdio>
 #include <string>
 
@@ -67,7 +67,9 @@ Validation validate(const std::string& file, const std::vector<std::string>& ove
   return out;
 }
 
-std::string json_string(const std::string& text) { return boost::json::serialize(boost::json::string(text)); }
+std::string json_string(const std::string& text) {
+  return boost::json::serialize(boost::json::string(text));
+}
 
 std::string json_report(const Validation& v) {
   // runs: how many runs the recipe describes (0 when it could not even be loaded).

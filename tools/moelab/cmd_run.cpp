@@ -22,7 +22,8 @@ namespace fs = std::filesystem;
 
 std::string clock_str(double seconds) {
   const auto s = static_cast<int64_t>(seconds + 0.5);
-  return s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60) : fmt::format("{}:{:02}", s / 60, s % 60);
+  return s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+                   : fmt::format("{}:{:02}", s / 60, s % 60);
 }
 
 struct PlannedRun {
@@ -59,7 +60,9 @@ void on_interrupt(int) {
   }
 }
 
-bool has_checkpoint(const fs::path& dir) { return fs::exists(dir / "checkpoint.safetensors"); }
+bool has_checkpoint(const fs::path& dir) {
+  return fs::exists(dir / "checkpoint.safetensors");
+}
 
 }  // namespace
 
@@ -90,8 +93,9 @@ int cmd_run(const Args& args) {
     throw UsageError(resume ? "give either RECIPE or --resume RUN_DIR, not both"
                             : "missing RECIPE (or --resume RUN_DIR); see moelab run --help");
   if (resume && (!parsed.all("--set").empty() || parsed.option("--out") || parsed.flag("--overwrite")))
-    throw UsageError("--resume continues a run exactly as its recipe.toml says: --set, --out and --overwrite do "
-                     "not apply");
+    throw UsageError(
+        "--resume continues a run exactly as its recipe.toml says: --set, --out and --overwrite do "
+        "not apply");
   RunOptions options;
   if (auto stop_at = parsed.option("--stop-at")) {
     try {
@@ -110,12 +114,13 @@ int cmd_run(const Args& args) {
     if (!fs::exists(recipe_file))
       throw UsageError(fmt::format("--resume: {} has no recipe.toml; it is not a moelab run folder", dir.string()));
     if (fs::exists(dir / "summary.json"))
-      throw UsageError(fmt::format("--resume: the run in {} has finished (summary.json is there); nothing to resume",
-                                   dir.string()));
+      throw UsageError(
+          fmt::format("--resume: the run in {} has finished (summary.json is there); nothing to resume", dir.string()));
     if (!has_checkpoint(dir))
-      throw UsageError(fmt::format("--resume: {} has no checkpoint.safetensors: the run stopped before its first "
-                                   "checkpoint; start it again with moelab run {}",
-                                   dir.string(), recipe_file.string()));
+      throw UsageError(
+          fmt::format("--resume: {} has no checkpoint.safetensors: the run stopped before its first "
+                      "checkpoint; start it again with moelab run {}",
+                      dir.string(), recipe_file.string()));
     options.resume = true;
   }
   const Recipe recipe = Recipe::load(recipe_file.string(), LoadOptions{parsed.all("--set")});
@@ -143,12 +148,14 @@ int cmd_run(const Args& args) {
   for (const auto& run : runs) {
     if (resume || !fs::exists(run.dir) || fs::is_empty(run.dir) || parsed.flag("--overwrite")) continue;
     if (has_checkpoint(run.dir) && !fs::exists(run.dir / "summary.json"))
-      throw UsageError(fmt::format("run folder {} holds an unfinished run; continue it with moelab run --resume {}, "
-                                   "or pass --overwrite to start again",
-                                   run.dir.string(), run.dir.string()));
-    throw UsageError(fmt::format("run folder {} exists and is not empty; pass --overwrite to replace it, or "
-                                 "--out DIR to write elsewhere",
-                                 run.dir.string()));
+      throw UsageError(
+          fmt::format("run folder {} holds an unfinished run; continue it with moelab run --resume {}, "
+                      "or pass --overwrite to start again",
+                      run.dir.string(), run.dir.string()));
+    throw UsageError(
+        fmt::format("run folder {} exists and is not empty; pass --overwrite to replace it, or "
+                    "--out DIR to write elsewhere",
+                    run.dir.string()));
   }
   std::signal(SIGINT, on_interrupt);
 
@@ -173,25 +180,32 @@ int cmd_run(const Args& args) {
     RunResult result;
     try {
       const int64_t log_every = run.config.train.log_every;
-      result = run_experiment(run.config, run.resolved, registry, work_dir, [&](const ProgressUpdate& u) {
-        if (tty) {
-          const double done = static_cast<double>(u.step) / static_cast<double>(u.steps);
-          const int width = 30, filled = static_cast<int>(done * width);
-          std::fprintf(stderr, "\r  [%s%s] step %lld/%lld  loss %.5f  %.0f tok/s  %s left   ",
-                       std::string(static_cast<size_t>(filled), '#').c_str(),
-                       std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<long long>(u.step),
-                       static_cast<long long>(u.steps), u.loss, u.tokens_per_second, clock_str(u.seconds_left).c_str());
-          if (u.step == u.steps) std::fputc('\n', stderr);
-        } else if (u.step % log_every == 0 || u.step == u.steps) {
-          std::fprintf(stderr, "  step %lld/%lld  loss %.5f  %.0f tok/s  %s left\n", static_cast<long long>(u.step),
-                       static_cast<long long>(u.steps), u.loss, u.tokens_per_second, clock_str(u.seconds_left).c_str());
-        }
-      }, options);
+      result = run_experiment(
+          run.config, run.resolved, registry, work_dir,
+          [&](const ProgressUpdate& u) {
+            if (tty) {
+              const double done = static_cast<double>(u.step) / static_cast<double>(u.steps);
+              const int width = 30, filled = static_cast<int>(done * width);
+              std::fprintf(stderr, "\r  [%s%s] step %lld/%lld  loss %.5f  %.0f tok/s  %s left   ",
+                           std::string(static_cast<size_t>(filled), '#').c_str(),
+                           std::string(static_cast<size_t>(width - filled), '.').c_str(),
+                           static_cast<long long>(u.step), static_cast<long long>(u.steps), u.loss, u.tokens_per_second,
+                           clock_str(u.seconds_left).c_str());
+              if (u.step == u.steps) std::fputc('\n', stderr);
+            } else if (u.step % log_every == 0 || u.step == u.steps) {
+              std::fprintf(stderr, "  step %lld/%lld  loss %.5f  %.0f tok/s  %s left\n", static_cast<long long>(u.step),
+                           static_cast<long long>(u.steps), u.loss, u.tokens_per_second,
+                           clock_str(u.seconds_left).c_str());
+            }
+          },
+          options);
     } catch (...) {
       std::error_code ignored;
-      if (!language_model || (!resume && !has_checkpoint(work_dir))) fs::remove_all(work_dir, ignored);
-      else std::fprintf(stderr, "\nthe run stopped; its last checkpoint is in %s: moelab run --resume %s\n",
-                        work_dir.string().c_str(), work_dir.string().c_str());
+      if (!language_model || (!resume && !has_checkpoint(work_dir)))
+        fs::remove_all(work_dir, ignored);
+      else
+        std::fprintf(stderr, "\nthe run stopped; its last checkpoint is in %s: moelab run --resume %s\n",
+                     work_dir.string().c_str(), work_dir.string().c_str());
       throw;
     }
     if (!result.finished) {
@@ -205,11 +219,12 @@ int cmd_run(const Args& args) {
       fs::remove_all(run.dir);
       fs::rename(work_dir, run.dir);
     }
-    std::printf("%s: eval loss %.5f (floor %.5f), dropped %.2f%% in training / %.2f%% in eval, MaxVio %.3f, "
-                "dead experts %lld, %.1f s\n",
-                run.dir.string().c_str(), result.final_eval_loss, result.loss_floor,
-                100.0 * result.train_drop_fraction, 100.0 * result.drop_fraction,
-                result.max_violation, static_cast<long long>(result.dead_experts), result.seconds);
+    std::printf(
+        "%s: eval loss %.5f (floor %.5f), dropped %.2f%% in training / %.2f%% in eval, MaxVio %.3f, "
+        "dead experts %lld, %.1f s\n",
+        run.dir.string().c_str(), result.final_eval_loss, result.loss_floor, 100.0 * result.train_drop_fraction,
+        100.0 * result.drop_fraction, result.max_violation, static_cast<long long>(result.dead_experts),
+        result.seconds);
   }
   return kExitOk;
 }

@@ -27,8 +27,9 @@ const Subcommand kSubcommands[] = {
 };
 
 void print_usage(std::FILE* to) {
-  std::fprintf(to, "usage: moelab <command> [arguments] [--help]\n\n"
-                   "moelab: a framework for Mixture-of-Experts research.\n\ncommands:\n");
+  std::fprintf(to,
+               "usage: moelab <command> [arguments] [--help]\n\n"
+               "moelab: a framework for Mixture-of-Experts research.\n\ncommands:\n");
   for (const auto& s : kSubcommands) std::fprintf(to, "  %-10s %s\n", s.name, s.summary);
   std::fprintf(to, "\n'moelab <command> --help' describes each command.\n");
 }

@@ -27,8 +27,8 @@ class Balancer : public Module {
   // (allocating grad.logits / grad.probs with zeros where undefined). A loss that depends on the
   // combine weights (cv_squared's importance) adds into grad.weight [A]: the layer allocates it,
   // holding the gradient from the layer output, before any balancer's backward runs.
-  virtual void backward(const RoutingPlan& plan, const LayerLoad& load, const RouterContext& ctx,
-                        double grad_loss, RouterGrad& grad) = 0;
+  virtual void backward(const RoutingPlan& plan, const LayerLoad& load, const RouterContext& ctx, double grad_loss,
+                        RouterGrad& grad) = 0;
 
   // Balancers that steer selection through a per-expert bias (aux_free_bias) say so; the layer
   // then keeps a bias [E] and hands it to the router as RouterContext::expert_bias.

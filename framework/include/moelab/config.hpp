@@ -58,8 +58,8 @@ struct ModelConfig {
   int64_t n_encoder_layers = 0;  // encoder layers; encoder_decoder only
   AttentionKind attention = AttentionKind::none;
   int64_t n_heads = 1;
-  int64_t n_kv_heads = 1;  // resolved: n_heads unless the recipe sets it (GQA)
-  int64_t head_dim = 64;   // resolved: d_model / n_heads unless the recipe sets it
+  int64_t n_kv_heads = 1;       // resolved: n_heads unless the recipe sets it (GQA)
+  int64_t head_dim = 64;        // resolved: d_model / n_heads unless the recipe sets it
   bool attention_bias = false;  // biases on q, k, v and the output projection
   bool qkv_bias = false;        // biases on q, k, v only (Qwen1.5/Qwen2)
   QkNorm qk_norm = QkNorm::none;
@@ -74,11 +74,11 @@ struct ModelConfig {
   NormKind norm = NormKind::none;
   bool norm_bias = false;  // layernorm with a bias (2d per norm instead of d)
   bool tied_embeddings = false;
-  int64_t mtp_modules = 0;  // DeepSeek-V3 multi-token prediction modules, counted apart
+  int64_t mtp_modules = 0;       // DeepSeek-V3 multi-token prediction modules, counted apart
   double mtp_loss_weight = 0.3;  // lambda: loss = CE + lambda / D * sum of the D modules' CE (V3: 0.3, later 0.1)
   double rope_theta = 10000.0;
   double norm_eps = 1e-6;
-  double init_std = 0.02;   // normal init of every projection and embedding
+  double init_std = 0.02;  // normal init of every projection and embedding
 
   // Whether layer `index` (0-based, within its stack) has an MoE FFN.
   bool is_moe_layer(int64_t index) const {
@@ -91,9 +91,9 @@ struct ReferenceConfig {
   int64_t published_total_params = 0;
   int64_t published_active_params = 0;
   int64_t published_precision = 0;  // the unit the figures are rounded to ("26B": 1e9); 0: as written
-  std::string source;  // where the architecture and the figures were published
-  std::string counts;  // what the published figures include or leave out
-  std::string known_deviation;  // why inspect misses a figure by more than the tolerance (tested to be real)
+  std::string source;               // where the architecture and the figures were published
+  std::string counts;               // what the published figures include or leave out
+  std::string known_deviation;      // why inspect misses a figure by more than the tolerance (tested to be real)
 };
 
 enum class LrSchedule { constant, cosine, linear };
@@ -105,16 +105,16 @@ struct TrainConfig {
   int64_t seq_len = 64;    // tokens per sequence
   double lr = 1e-3;        // peak learning rate
   LrSchedule schedule = LrSchedule::cosine;
-  int64_t warmup_steps = 0;    // linear warmup from 0 to lr over these steps
-  double min_lr_ratio = 0.1;   // the schedule decays to lr * min_lr_ratio at the last step
+  int64_t warmup_steps = 0;   // linear warmup from 0 to lr over these steps
+  double min_lr_ratio = 0.1;  // the schedule decays to lr * min_lr_ratio at the last step
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
-  double weight_decay = 0.0;   // decoupled; never applied to biases and norms
+  double weight_decay = 0.0;          // decoupled; never applied to biases and norms
   std::vector<std::string> no_decay;  // parameter groups also exempt: names containing one of these
-  double grad_clip = 1.0;      // global norm; 0 disables
+  double grad_clip = 1.0;             // global norm; 0 disables
   int64_t log_every = 10;
-  int64_t eval_every = 50;     // 0 disables (the last step is always evaluated)
+  int64_t eval_every = 50;  // 0 disables (the last step is always evaluated)
   int64_t eval_batches = 4;
-  int64_t checkpoint_every = 0;  // 0: only at the end
+  int64_t checkpoint_every = 0;   // 0: only at the end
   bool keep_checkpoints = false;  // also keep each as checkpoints/step_NNNNNNNN.safetensors
   // The learning rate at `step` (1-based): warmup, then the schedule down to lr * min_lr_ratio.
   double lr_at(int64_t step) const;
@@ -124,7 +124,7 @@ struct TrainConfig {
 // (seed, split, batch index), so a resumed run sees exactly the batches of an uninterrupted one.
 struct DataConfig {
   std::string kind = "markov";  // markov | text | tokens
-  int64_t seed = -1;  // seed of the corpus tables and of the batches; -1: the run's seed
+  int64_t seed = -1;            // seed of the corpus tables and of the batches; -1: the run's seed
   // markov: `domains` random order-`order` Markov sources over the model's vocabulary; from each
   // context a source moves to one of `branching` successors, with probabilities drawn from a
   // symmetric Dirichlet(`concentration`). Each sequence comes from one domain.
@@ -153,14 +153,14 @@ struct RunConfig {
   std::string description;
   uint64_t seed = 1;
   std::string device = "cpu";
-  PluginChoice kernel;  // [kernel]: type defaults to the device's name
+  PluginChoice kernel;                              // [kernel]: type defaults to the device's name
   std::vector<std::filesystem::path> plugin_paths;  // [plugins] paths, absolute
   ModelConfig model;
   MoeConfig moe;
   ReferenceConfig reference;
   TrainConfig train;
-  TaskConfig task;  // the layer-only regression task (model without vocabulary)
-  DataConfig data;  // the language model's data (model with a vocabulary)
+  TaskConfig task;                            // the layer-only regression task (model without vocabulary)
+  DataConfig data;                            // the language model's data (model with a vocabulary)
   std::filesystem::path output_dir = "runs";  // [output] dir, relative to the working directory
 
   // The MoE layer as the router and balancers see it: d_model, dtype, and num_experts/top_k after

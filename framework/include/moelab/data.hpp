@@ -52,7 +52,6 @@ class TokenData {
 // matching nothing, an unreadable or empty file, a token file whose size is not a multiple of its
 // token width, a token >= vocab_size, text that is not UTF-8, a split too short for one window
 // of `window` tokens, a vocabulary below 256 for text.
-std::unique_ptr<TokenData> make_token_data(const DataConfig& config, int64_t vocab_size, int64_t window,
-                                           uint64_t seed);
+std::unique_ptr<TokenData> make_token_data(const DataConfig& config, int64_t vocab_size, int64_t window, uint64_t seed);
 
 }  // namespace moelab

@@ -65,15 +65,13 @@ class RuntimeError : public std::runtime_error {
 };
 
 // Checks an internal or API precondition; throws RuntimeError with the message and location.
-#define MOELAB_CHECK(cond, ...)                                                              \
-  do {                                                                                       \
-    if (!(cond))                                                                             \
-      ::moelab::detail::check_failed(#cond, __FILE__, __LINE__, ::fmt::format(__VA_ARGS__)); \
+#define MOELAB_CHECK(cond, ...)                                                                         \
+  do {                                                                                                  \
+    if (!(cond)) ::moelab::detail::check_failed(#cond, __FILE__, __LINE__, ::fmt::format(__VA_ARGS__)); \
   } while (0)
 
 namespace detail {
-[[noreturn]] void check_failed(const char* condition, const char* file, int line,
-                               const std::string& message);
+[[noreturn]] void check_failed(const char* condition, const char* file, int line, const std::string& message);
 }  // namespace detail
 
 }  // namespace moelab

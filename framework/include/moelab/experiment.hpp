@@ -29,8 +29,8 @@ struct ProgressUpdate {
 };
 
 struct RunOptions {
-  bool resume = false;   // continue the run in run_dir from its checkpoint
-  int64_t stop_at = 0;   // > 0: checkpoint after this step and stop; the folder stays resumable
+  bool resume = false;                           // continue the run in run_dir from its checkpoint
+  int64_t stop_at = 0;                           // > 0: checkpoint after this step and stop; the folder stays resumable
   const std::atomic<bool>* interrupt = nullptr;  // when set (Ctrl-C): checkpoint after the current step, stop
 };
 
@@ -39,12 +39,12 @@ struct RunResult {
   int64_t steps_done = 0;
   double final_train_loss = 0;
   double final_eval_loss = 0;
-  double loss_floor = 0;       // the task's irreducible loss: noise variance, or the data's optimal loss
+  double loss_floor = 0;               // the task's irreducible loss: noise variance, or the data's optimal loss
   double entropy_rate = std::nan("");  // language models on the Markov corpus: the asymptotic floor
-  double drop_fraction = 0;    // over the last evaluation (evaluation capacity factor)
-  double train_drop_fraction = 0;  // mean over every training step (training capacity factor)
-  double max_violation = 0;    // over the last evaluation
-  int64_t dead_experts = 0;    // at the end of training
+  double drop_fraction = 0;            // over the last evaluation (evaluation capacity factor)
+  double train_drop_fraction = 0;      // mean over every training step (training capacity factor)
+  double max_violation = 0;            // over the last evaluation
+  int64_t dead_experts = 0;            // at the end of training
   double seconds = 0;
   double tokens_per_second = 0;
 };

@@ -14,18 +14,17 @@ class Experts : public Module {
  public:
   // Routed experts. x [R, d]: dispatched rows grouped by expert, rows [offsets[e], offsets[e+1])
   // for expert e (offsets on the host, size E+1). Writes y [R, d].
-  virtual std::unique_ptr<ForwardContext> forward(Ops& ops, const Tensor& x,
-                                                  const std::vector<int64_t>& offsets, Tensor& y) = 0;
+  virtual std::unique_ptr<ForwardContext> forward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
+                                                  Tensor& y) = 0;
   // Accumulates parameter gradients; overwrites dx [R, d].
-  virtual void backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
-                        const ForwardContext& saved, const Tensor& dy, Tensor& dx) = 0;
+  virtual void backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets, const ForwardContext& saved,
+                        const Tensor& dy, Tensor& dx) = 0;
 
   // Shared experts (DeepSeekMoE, Qwen2-MoE) see every token: y [T, d] += shared(x [T, d]).
   virtual bool has_shared() const { return false; }
   virtual std::unique_ptr<ForwardContext> shared_forward(Ops& ops, const Tensor& x, Tensor& y);
   // Accumulates parameter gradients and adds into dx [T, d].
-  virtual void shared_backward(Ops& ops, const Tensor& x, const ForwardContext& saved,
-                               const Tensor& dy, Tensor& dx);
+  virtual void shared_backward(Ops& ops, const Tensor& x, const ForwardContext& saved, const Tensor& dy, Tensor& dx);
 
   // FLOPs per token of one routed expert's forward (2 per multiply-add), for reports and benchmarks.
   virtual double flops_per_routed_token() const = 0;

@@ -23,7 +23,7 @@ struct FfnOptions {
   int64_t d_model = 0;  // d
   int64_t d_ff = 0;     // F: hidden width of one expert
   Activation activation = Activation::silu;
-  bool gated = true;    // GLU (SwiGLU / GeGLU) when true
+  bool gated = true;  // GLU (SwiGLU / GeGLU) when true
   bool bias = false;
   double init_std = 0.02;
   DType dtype = DType::f32;
@@ -34,8 +34,7 @@ class GroupedFfn : public Module {
   GroupedFfn(const FfnOptions& options, Ops& ops, Rng& rng, const std::string& name_prefix = "");
 
   // x [R, d] with rows [offsets[g], offsets[g+1]) for group g -> y [R, d] (overwritten).
-  std::unique_ptr<ForwardContext> forward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
-                                          Tensor& y);
+  std::unique_ptr<ForwardContext> forward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& y);
   // Accumulates parameter gradients; dx [R, d] is overwritten.
   void backward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets, const ForwardContext& saved,
                 const Tensor& dy, Tensor& dx);

@@ -44,27 +44,24 @@ class Ops {
 
   // --- dense linear algebra -----------------------------------------------------------------
   // c[M,N] = alpha * op(a) * op(b) + beta * c, op(x) = x or x^T; a is [M,K] or [K,M] when trans_a.
-  virtual void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b,
-                    double beta, Tensor& c) = 0;
+  virtual void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
+                    Tensor& c) = 0;
 
   // Grouped GEMM over row segments, the expert FFN's workhorse. Rows [offsets[g], offsets[g+1])
   // of x belong to group g (offsets on the host, size groups+1, offsets[0] = 0):
   //   y[rows_g] = alpha * x[rows_g] * op(w[g]) + beta * y[rows_g]
   // x [R,K]; w [G,K,N] (trans_w = false) or [G,N,K] (trans_w = true); y [R,N].
-  virtual void grouped_gemm(const Tensor& x, const Tensor& w, bool trans_w,
-                            const std::vector<int64_t>& offsets, double alpha, double beta,
-                            Tensor& y) = 0;
+  virtual void grouped_gemm(const Tensor& x, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
+                            double alpha, double beta, Tensor& y) = 0;
   // Weight gradient of grouped_gemm: dw[g] (+)= x[rows_g]^T * dy[rows_g]  (dw [G,K,N]), or its
   // transpose dy^T * x when trans_w (dw [G,N,K]). accumulate = false overwrites.
   virtual void grouped_gemm_weight_grad(const Tensor& x, const Tensor& dy, bool trans_w,
-                                        const std::vector<int64_t>& offsets, bool accumulate,
-                                        Tensor& dw) = 0;
+                                        const std::vector<int64_t>& offsets, bool accumulate, Tensor& dw) = 0;
 
   // --- elementwise and row-wise -------------------------------------------------------------
   // y = act(x); dx (+)= act'(x) * dy.
   virtual void activation(Activation act, const Tensor& x, Tensor& y) = 0;
-  virtual void activation_backward(Activation act, const Tensor& x, const Tensor& dy,
-                                   bool accumulate, Tensor& dx) = 0;
+  virtual void activation_backward(Activation act, const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx) = 0;
   // Gated linear unit on a fused [R, 2F] input laid out [gate | up]: h[R,F] = act(gate) * up.
   virtual void glu(Activation act, const Tensor& gate_up, Tensor& h) = 0;
   virtual void glu_backward(Activation act, const Tensor& gate_up, const Tensor& dh,
@@ -86,8 +83,8 @@ class Ops {
   // --- probabilities ------------------------------------------------------------------------
   // Row-wise softmax of x / temperature: y[R,E].  Backward: dx (+)= (y*(dy - <dy,y>)) / temperature.
   virtual void softmax_rows(const Tensor& x, double temperature, Tensor& y) = 0;
-  virtual void softmax_rows_backward(const Tensor& y, const Tensor& dy, double temperature,
-                                     bool accumulate, Tensor& dx) = 0;
+  virtual void softmax_rows_backward(const Tensor& y, const Tensor& dy, double temperature, bool accumulate,
+                                     Tensor& dx) = 0;
   // y = 1 / (1 + exp(-x)); dx (+)= y (1 - y) dy.
   virtual void sigmoid(const Tensor& x, Tensor& y) = 0;
   virtual void sigmoid_backward(const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx) = 0;
@@ -101,17 +98,14 @@ class Ops {
   // Per row, the k largest entries of scores[R,E] in descending order (ties: lower index first):
   // values[R,k] (same dtype as scores), indices[R,k] i32. When `bias` [E] is given, selection
   // ranks scores + bias but `values` holds the unbiased scores (DeepSeek-V3 aux-free balancing).
-  virtual void topk_rows(const Tensor& scores, int k, const Tensor* bias, Tensor& values,
-                         Tensor& indices) = 0;
+  virtual void topk_rows(const Tensor& scores, int k, const Tensor* bias, Tensor& values, Tensor& indices) = 0;
   // dst[i, :] = src[index[i], :]    (dispatch: tokens into expert order)
   virtual void gather_rows(const Tensor& src, const Tensor& index, Tensor& dst) = 0;
   // dst[index[i], :] += weight[i] * src[i, :]  (combine; weight may be null for 1)
-  virtual void scatter_add_rows(const Tensor& src, const Tensor& index, const Tensor* weight,
-                                Tensor& dst) = 0;
+  virtual void scatter_add_rows(const Tensor& src, const Tensor& index, const Tensor* weight, Tensor& dst) = 0;
   // out[i] = x[row[i], col[i]]  and its backward dx[row[i], col[i]] += dout[i].
   virtual void gather_elements(const Tensor& x, const Tensor& row, const Tensor& col, Tensor& out) = 0;
-  virtual void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col,
-                                    Tensor& dx) = 0;
+  virtual void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col, Tensor& dx) = 0;
 
   // --- optional slots ----------------------------------------------------------------------
   // These have a generic implementation (on the host, through to_host/copy) so that a new kernel
@@ -124,8 +118,7 @@ class Ops {
   // y[r, :] = x[r, :] / sum(x[r, :])  (renormalising the k selected gates).
   // Backward: dx[r, :] (+)= (dy[r, :] - <dy[r, :], y[r, :]>) / sum(x[r, :]).
   virtual void normalize_rows(const Tensor& x, Tensor& y);
-  virtual void normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy,
-                                       bool accumulate, Tensor& dx);
+  virtual void normalize_rows_backward(const Tensor& x, const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx);
   // sum_i x_i^2 (gradient-norm clipping), accumulated in double.
   virtual double sum_squares(const Tensor& x);
   // One AdamW step (Loshchilov & Hutter 2019, decoupled weight decay) on a parameter, in place:

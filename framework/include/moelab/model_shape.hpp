@@ -17,12 +17,12 @@ class PluginRegistry;
 
 // One MoE layer's parameters as its plugins create them, split by owner.
 struct MoeLayerCounts {
-  int64_t router = 0;          // "router.*"
-  int64_t routed_experts = 0;  // "experts.*" except shared
-  int64_t shared_experts = 0;  // "experts.shared*"
-  int64_t balancers = 0;       // "balancers.*"
-  int64_t num_experts = 1;     // routed experts after the layout's adjust_layer
-  double experts_per_token = 1;  // routed experts each token uses on average (top_k; expert choice: capacity factor)
+  int64_t router = 0;              // "router.*"
+  int64_t routed_experts = 0;      // "experts.*" except shared
+  int64_t shared_experts = 0;      // "experts.shared*"
+  int64_t balancers = 0;           // "balancers.*"
+  int64_t num_experts = 1;         // routed experts after the layout's adjust_layer
+  double experts_per_token = 1;    // routed experts each token uses on average (top_k; expert choice: capacity factor)
   double routed_expert_flops = 0;  // forward FLOPs of one token through one routed expert
   std::map<std::string, int64_t> by_name;  // numel of every named parameter
 };
@@ -33,17 +33,17 @@ MoeLayerCounts count_moe_layer(const RunConfig& config, const PluginRegistry& re
 
 // Parameters of a model by part. Totals are integers; active counts are averages over tokens.
 struct PartCounts {
-  double embeddings = 0, attention = 0, dense_ffn = 0, routed_experts = 0, shared_experts = 0, routers = 0,
-         norms = 0, head = 0, balancers = 0;
+  double embeddings = 0, attention = 0, dense_ffn = 0, routed_experts = 0, shared_experts = 0, routers = 0, norms = 0,
+         head = 0, balancers = 0;
   double sum() const {
     return embeddings + attention + dense_ffn + routed_experts + shared_experts + routers + norms + head + balancers;
   }
 };
 
 struct ModelCounts {
-  PartCounts total;   // every parameter once (a tied head counts 0: it is the embedding)
-  PartCounts active;  // what one token uses: all but the routed experts it is not sent to
-  double forward_flops_per_token = 0;  // 2 per multiply-add; attention over `seq_len` keys
+  PartCounts total;                            // every parameter once (a tied head counts 0: it is the embedding)
+  PartCounts active;                           // what one token uses: all but the routed experts it is not sent to
+  double forward_flops_per_token = 0;          // 2 per multiply-add; attention over `seq_len` keys
   double attention_score_flops_per_token = 0;  // the QK^T and AV part of the above
   int64_t moe_layers = 0, dense_layers = 0;
   // Multi-token prediction modules (DeepSeek-V3), reported apart: not part of `total`.

@@ -47,8 +47,8 @@ class Module {
 
 // Allocates a parameter on `ops`'s device with its gradient zeroed, initialised on the host from
 // `rng` as normal(0, std) (std = 0 gives zeros).
-Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng,
-                         double std, bool weight_decay = true);
+Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& shape, Rng& rng, double std,
+                         bool weight_decay = true);
 // Fill a host f32/f64 tensor from `rng`: uniform in [lo, hi), or normal(0, std).
 void fill_uniform(Tensor& host, double lo, double hi, Rng& rng);
 void fill_normal(Tensor& host, double std, Rng& rng);

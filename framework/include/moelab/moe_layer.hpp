@@ -22,12 +22,12 @@ struct LayerStats {
   std::vector<int64_t> routed_per_expert;  // assignments routed to each expert, before capacity
   std::vector<int64_t> tokens_per_expert;  // assignments each expert processed
   int64_t tokens = 0;
-  int64_t assignments = 0;          // A, routed assignments (expert >= 0)
-  int64_t dropped = 0;              // assignments lost to capacity
-  int64_t rerouted = 0;             // assignments moved to another expert (overflow = reroute)
+  int64_t assignments = 0;            // A, routed assignments (expert >= 0)
+  int64_t dropped = 0;                // assignments lost to capacity
+  int64_t rerouted = 0;               // assignments moved to another expert (overflow = reroute)
   int64_t tokens_without_expert = 0;  // tokens left with only their residual
-  int64_t capacity = 0;             // per expert; 0 when dropless
-  double drop_fraction = 0;         // dropped / assignments
+  int64_t capacity = 0;               // per expert; 0 when dropless
+  double drop_fraction = 0;           // dropped / assignments
   std::vector<double> load_fraction;  // f_i: share of assignments routed to expert i
   std::vector<double> mean_prob;      // P_i: mean router probability of expert i
   double router_entropy = 0;          // mean over tokens of -sum_e p log p
@@ -37,7 +37,7 @@ struct LayerStats {
   // when nothing is dropped or rerouted.
   double routed_max_violation = 0;
   std::vector<std::pair<std::string, double>> balancer_losses;  // (balancer name, loss)
-  double aux_loss = 0;                // sum of balancer losses
+  double aux_loss = 0;                                          // sum of balancer losses
 };
 
 // Counts, over a sliding window of tokens, which experts received none: the dead experts.
@@ -64,10 +64,10 @@ class DeadExpertTracker {
 // residual), reroute (to its most probable expert with room that it does not use already; the
 // combine weight stays the one the router gave the original choice) or dropless (no capacity).
 struct Dispatch {
-  std::vector<int32_t> order;          // [R]: the assignment behind each dispatched row, grouped by expert
-  std::vector<int32_t> source_token;   // [R]: token of each dispatched row
-  std::vector<int64_t> offsets;        // [E+1]: rows of expert e are [offsets[e], offsets[e+1])
-  std::vector<int32_t> final_expert;   // [A]: expert that processes each assignment, -1 if none
+  std::vector<int32_t> order;              // [R]: the assignment behind each dispatched row, grouped by expert
+  std::vector<int32_t> source_token;       // [R]: token of each dispatched row
+  std::vector<int64_t> offsets;            // [E+1]: rows of expert e are [offsets[e], offsets[e+1])
+  std::vector<int32_t> final_expert;       // [A]: expert that processes each assignment, -1 if none
   std::vector<int64_t> tokens_per_expert;  // [E]
   int64_t dropped = 0, rerouted = 0;
 };
@@ -82,14 +82,13 @@ struct LayerInput {
   bool training = true;
   int64_t step = 0;
   int64_t batch = 1;
-  int64_t seq_len = 0;  // 0: the whole input is one sequence
+  int64_t seq_len = 0;                // 0: the whole input is one sequence
   const Tensor* token_ids = nullptr;  // host i32 [T], for hash routing
 };
 
 class MoeLayer : public Module {
  public:
-  MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops,
-           Rng& rng);
+  MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng);
   ~MoeLayer() override;
 
   // x [T, d] -> y [T, d]. Saves what backward needs; stats() describes this forward.

@@ -17,8 +17,8 @@ namespace moelab {
 enum class ParamType { boolean, integer, real, string, integer_list, real_list, string_list };
 const char* param_type_name(ParamType type);  // "boolean", "integer", "float", "string", ...
 
-using ParamValue = std::variant<bool, int64_t, double, std::string, std::vector<int64_t>,
-                                std::vector<double>, std::vector<std::string>>;
+using ParamValue = std::variant<bool, int64_t, double, std::string, std::vector<int64_t>, std::vector<double>,
+                                std::vector<std::string>>;
 std::string param_value_str(const ParamValue& value);  // TOML spelling: 2, 0.5, "silu", [1, 2]
 
 struct ParamSpec {
@@ -30,10 +30,23 @@ struct ParamSpec {
   std::string doc;
 
   // Fluent refinements, so a schema reads as a table.
-  ParamSpec& range(double lo, double hi) { min = lo; max = hi; return *this; }
-  ParamSpec& at_least(double lo) { min = lo; return *this; }
-  ParamSpec& one_of(std::vector<std::string> allowed) { choices = std::move(allowed); return *this; }
-  ParamSpec& required() { default_value.reset(); return *this; }
+  ParamSpec& range(double lo, double hi) {
+    min = lo;
+    max = hi;
+    return *this;
+  }
+  ParamSpec& at_least(double lo) {
+    min = lo;
+    return *this;
+  }
+  ParamSpec& one_of(std::vector<std::string> allowed) {
+    choices = std::move(allowed);
+    return *this;
+  }
+  ParamSpec& required() {
+    default_value.reset();
+    return *this;
+  }
 };
 
 using ParamSchema = std::vector<ParamSpec>;
@@ -43,8 +56,7 @@ ParamSpec param_bool(std::string name, bool default_value, std::string doc);
 ParamSpec param_int(std::string name, int64_t default_value, std::string doc);
 ParamSpec param_float(std::string name, double default_value, std::string doc);
 ParamSpec param_string(std::string name, std::string default_value, std::string doc);
-ParamSpec param_choice(std::string name, std::string default_value, std::vector<std::string> choices,
-                       std::string doc);
+ParamSpec param_choice(std::string name, std::string default_value, std::vector<std::string> choices, std::string doc);
 ParamSpec param_int_list(std::string name, std::vector<int64_t> default_value, std::string doc);
 ParamSpec param_float_list(std::string name, std::vector<double> default_value, std::string doc);
 ParamSpec param_string_list(std::string name, std::vector<std::string> default_value, std::string doc);

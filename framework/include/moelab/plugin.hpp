@@ -91,8 +91,7 @@ std::unique_ptr<Ops> make_ops(const ParamSet& p) {
 }
 
 template <class C>
-PluginManifest manifest_for(PluginKind kind, const char* name, const char* version,
-                            const char* description) {
+PluginManifest manifest_for(PluginKind kind, const char* name, const char* version, const char* description) {
   PluginManifest m{};
 #ifdef MOELAB_TEST_ABI_MAJOR  // lets the loader tests build a plugin for another ABI
   m.abi_major = MOELAB_TEST_ABI_MAJOR;
@@ -125,14 +124,14 @@ PluginManifest manifest_for(PluginKind kind, const char* name, const char* versi
 }  // namespace detail
 }  // namespace moelab
 
-#define MOELAB_DEFINE_PLUGIN_(KIND, CLASS, NAME, VERSION, DESCRIPTION)                          \
-  namespace {                                                                                   \
-  const ::moelab::PluginManifest* moelab_plugin_manifest_() {                                   \
-    static const ::moelab::PluginManifest manifest =                                            \
+#define MOELAB_DEFINE_PLUGIN_(KIND, CLASS, NAME, VERSION, DESCRIPTION)                                 \
+  namespace {                                                                                          \
+  const ::moelab::PluginManifest* moelab_plugin_manifest_() {                                          \
+    static const ::moelab::PluginManifest manifest =                                                   \
         ::moelab::detail::manifest_for<CLASS>(::moelab::PluginKind::KIND, NAME, VERSION, DESCRIPTION); \
-    return &manifest;                                                                           \
-  }                                                                                             \
-  }                                                                                             \
+    return &manifest;                                                                                  \
+  }                                                                                                    \
+  }                                                                                                    \
   BOOST_DLL_ALIAS(moelab_plugin_manifest_, moelab_plugin)
 
 #define MOELAB_ROUTER_PLUGIN(CLASS, NAME, VERSION, DESCRIPTION) \

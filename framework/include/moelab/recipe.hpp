@@ -52,8 +52,7 @@ class Recipe {
   // expanded. Throws UsageError carrying every problem found.
   static Recipe load(const std::filesystem::path& file, const LoadOptions& options = {});
   // The same from text (tests); `name` stands for the file in messages and resolves relative paths.
-  static Recipe parse(const std::string& text, const std::filesystem::path& name,
-                      const LoadOptions& options = {});
+  static Recipe parse(const std::string& text, const std::filesystem::path& name, const LoadOptions& options = {});
 
   Recipe(const Recipe&);
   Recipe& operator=(const Recipe&);

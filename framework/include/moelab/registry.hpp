@@ -52,19 +52,19 @@ class PluginRegistry {
   const std::vector<std::filesystem::path>& searched() const { return searched_; }
 
   const PluginInfo* find(PluginKind kind, const std::string& name) const;
-  const PluginInfo* find_any(const std::string& name) const;  // any kind
+  const PluginInfo* find_any(const std::string& name) const;   // any kind
   std::vector<const PluginInfo*> list(PluginKind kind) const;  // sorted by name
   std::vector<const PluginInfo*> all() const;                  // sorted by kind, then name
   std::vector<std::string> names(PluginKind kind) const;
 
   // Factories. Throw UsageError ("unknown router 'x'; known routers: a, b") for a missing name.
   // Params must already be validated against the plugin's schema.
-  std::shared_ptr<Router> make_router(const std::string& name, const ParamSet& params,
-                                      const LayerSpec& spec, Ops& ops, Rng& rng) const;
-  std::shared_ptr<Experts> make_experts(const std::string& name, const ParamSet& params,
-                                        const LayerSpec& spec, Ops& ops, Rng& rng) const;
-  std::shared_ptr<Balancer> make_balancer(const std::string& name, const ParamSet& params,
-                                          const LayerSpec& spec, Ops& ops, Rng& rng) const;
+  std::shared_ptr<Router> make_router(const std::string& name, const ParamSet& params, const LayerSpec& spec, Ops& ops,
+                                      Rng& rng) const;
+  std::shared_ptr<Experts> make_experts(const std::string& name, const ParamSet& params, const LayerSpec& spec,
+                                        Ops& ops, Rng& rng) const;
+  std::shared_ptr<Balancer> make_balancer(const std::string& name, const ParamSet& params, const LayerSpec& spec,
+                                          Ops& ops, Rng& rng) const;
   std::shared_ptr<Ops> make_kernel(const std::string& name, const ParamSet& params) const;
 
   const PluginInfo& require(PluginKind kind, const std::string& name) const;

@@ -16,10 +16,10 @@ namespace moelab {
 
 struct RouterContext {
   Ops& ops;
-  Rng& rng;               // this layer's own stream: noise, jitter, random routing
-  bool training = true;   // noise and jitter only in training
+  Rng& rng;              // this layer's own stream: noise, jitter, random routing
+  bool training = true;  // noise and jitter only in training
   int64_t step = 0;
-  int64_t batch = 1;      // tokens T = batch * seq_len; sequences are contiguous
+  int64_t batch = 1;  // tokens T = batch * seq_len; sequences are contiguous
   int64_t seq_len = 0;
   const Tensor* token_ids = nullptr;    // host i32 [T], for hash routing; may be null
   const Tensor* expert_bias = nullptr;  // device [E]: selection-only bias (aux_free_bias); may be null
@@ -27,12 +27,12 @@ struct RouterContext {
 };
 
 struct RoutingPlan {
-  Tensor logits;  // [T, E] raw router scores before any normalisation (z-loss reads these)
-  Tensor probs;   // [T, E] per-expert probabilities/affinities the balancers read
-  Tensor token;   // [A] i32: the token of each assignment
-  Tensor expert;  // [A] i32: its expert, or -1 when the router chose not to dispatch (GShard)
-  Tensor weight;  // [A] combine weight, differentiable
-  Tensor rank;    // [A] i32: 0 for a token's first choice, 1 for its second... (capacity priority)
+  Tensor logits;      // [T, E] raw router scores before any normalisation (z-loss reads these)
+  Tensor probs;       // [T, E] per-expert probabilities/affinities the balancers read
+  Tensor token;       // [A] i32: the token of each assignment
+  Tensor expert;      // [A] i32: its expert, or -1 when the router chose not to dispatch (GShard)
+  Tensor weight;      // [A] combine weight, differentiable
+  Tensor rank;        // [A] i32: 0 for a token's first choice, 1 for its second... (capacity priority)
   int64_t top_k = 0;  // k for token choice (A = T*k, token-major); 0 for expert choice
   std::unique_ptr<ForwardContext> context;  // whatever the router's backward needs
 };
@@ -62,8 +62,8 @@ class Router : public Module {
   // x [T, d] -> plan.
   virtual RoutingPlan forward(const Tensor& x, const RouterContext& ctx) = 0;
   // Accumulates parameter gradients and adds dL/dx into grad_x [T, d].
-  virtual void backward(const Tensor& x, const RoutingPlan& plan, const RouterGrad& grad,
-                        const RouterContext& ctx, Tensor& grad_x) = 0;
+  virtual void backward(const Tensor& x, const RoutingPlan& plan, const RouterGrad& grad, const RouterContext& ctx,
+                        Tensor& grad_x) = 0;
 };
 
 }  // namespace moelab

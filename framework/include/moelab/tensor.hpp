@@ -18,15 +18,31 @@ enum class DType : uint8_t { f32, f64, bf16, i32, i64, u8 };
 enum class DeviceKind : uint8_t { cpu, cuda, meta };
 
 size_t dtype_size(DType dtype);
-const char* dtype_name(DType dtype);    // "f32", "f64", "bf16", "i32", "i64", "u8"
+const char* dtype_name(DType dtype);  // "f32", "f64", "bf16", "i32", "i64", "u8"
 const char* device_name(DeviceKind device);
 
-template <class T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::f32; }
-template <> constexpr DType dtype_of<double>() { return DType::f64; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
-template <> constexpr DType dtype_of<int64_t>() { return DType::i64; }
-template <> constexpr DType dtype_of<uint8_t>() { return DType::u8; }
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+  return DType::f32;
+}
+template <>
+constexpr DType dtype_of<double>() {
+  return DType::f64;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+  return DType::i32;
+}
+template <>
+constexpr DType dtype_of<int64_t>() {
+  return DType::i64;
+}
+template <>
+constexpr DType dtype_of<uint8_t>() {
+  return DType::u8;
+}
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& shape);  // "[4096, 512]"
@@ -58,11 +74,13 @@ class Tensor {
 
   // Typed access; throws when T does not match the dtype (host code reading device memory is a bug
   // the kernel catches, not this accessor).
-  template <class T> T* data() {
+  template <class T>
+  T* data() {
     check_dtype(dtype_of<T>());
     return static_cast<T*>(raw());
   }
-  template <class T> const T* data() const {
+  template <class T>
+  const T* data() const {
     check_dtype(dtype_of<T>());
     return static_cast<const T*>(raw());
   }
@@ -85,7 +103,10 @@ class Tensor {
 
 // Host memory, zero-filled. Used for inputs, weights files and results that leave a kernel.
 Tensor host_tensor(DType dtype, Shape shape);
-template <class T> Tensor host_tensor(Shape shape) { return host_tensor(dtype_of<T>(), std::move(shape)); }
+template <class T>
+Tensor host_tensor(Shape shape) {
+  return host_tensor(dtype_of<T>(), std::move(shape));
+}
 
 // Element i of a host tensor of any numeric dtype as a double, and the reverse (bf16 rounds to
 // nearest even). For small host-side bookkeeping (balancers' per-expert vectors), not hot loops.

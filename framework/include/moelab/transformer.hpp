@@ -15,8 +15,8 @@
 
 #include "moelab/config.hpp"
 #include "moelab/ffn.hpp"
-#include "moelab/moe_layer.hpp"
 #include "moelab/module.hpp"
+#include "moelab/moe_layer.hpp"
 
 namespace moelab {
 
@@ -63,8 +63,8 @@ class Attention {
   int64_t heads_, kv_heads_, qk_dim_, v_dim_;
   double scale_;
   Linear q_proj_, k_proj_, v_proj_, o_proj_;  // MHA / GQA (q_proj_ is also MLA's direct query projection)
-  Norm q_norm_, k_norm_;             // qk_norm: per head or over the projection
-  Linear q_a_, q_b_, kv_a_, kv_b_;   // MLA down / up projections
+  Norm q_norm_, k_norm_;                      // qk_norm: per head or over the projection
+  Linear q_a_, q_b_, kv_a_, kv_b_;            // MLA down / up projections
   Norm q_a_norm_, kv_a_norm_;
   // Saved by forward.
   int64_t seq_len_ = 0;
@@ -125,8 +125,8 @@ class Transformer : public Module {
 
   // inputs and targets: host i32 [batch * seq_len]; a negative target is not scored. Returns the
   // mean cross-entropy over scored targets; aux_loss() holds the balancers' sum for this forward.
-  double forward(const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets, int64_t batch,
-                 bool training, int64_t step);
+  double forward(const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets, int64_t batch, bool training,
+                 int64_t step);
   // Gradients of (cross-entropy + every balancer loss) of the last forward, accumulated.
   void backward();
   void after_step();  // balancers' between-step updates (aux_free_bias)

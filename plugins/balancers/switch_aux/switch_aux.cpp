@@ -5,10 +5,9 @@
 // f's denominator: "assignments" (T*k; f sums to 1 and a balanced router scores coef — Switch
 // eq. 4 for k=1, Megatron-Core's switch_load_balancing_loss_func) or "tokens" (T; f sums to k —
 // HF transformers' load_balancing_loss_func for Mixtral/Qwen-MoE, which is k times larger).
-#include <moelab/plugin.hpp>
-
 #include <fmt/format.h>
 
+#include <moelab/plugin.hpp>
 #include <numeric>
 
 namespace {
@@ -34,7 +33,8 @@ class SwitchAux final : public Balancer {
     ctx.ops.sum_rows(plan.probs, false, mean_prob);
     const Tensor p = ctx.ops.to_host(mean_prob);
     double sum = 0;
-    for (int64_t i = 0; i < experts_; ++i) sum += f[static_cast<size_t>(i)] * host_value(p, i) / static_cast<double>(load.tokens);
+    for (int64_t i = 0; i < experts_; ++i)
+      sum += f[static_cast<size_t>(i)] * host_value(p, i) / static_cast<double>(load.tokens);
     return coef_ * static_cast<double>(experts_) * sum;
   }
 
@@ -44,16 +44,17 @@ class SwitchAux final : public Balancer {
     const std::vector<double> f = load_fraction(load);
     Tensor row = host_tensor(plan.probs.dtype(), {experts_});
     for (int64_t i = 0; i < experts_; ++i)
-      set_host_value(row, i, grad_loss * coef_ * static_cast<double>(experts_) * f[static_cast<size_t>(i)] /
-                            static_cast<double>(load.tokens));
+      set_host_value(row, i,
+                     grad_loss * coef_ * static_cast<double>(experts_) * f[static_cast<size_t>(i)] /
+                         static_cast<double>(load.tokens));
     if (!grad.probs.defined()) grad.probs = ctx.ops.zeros(plan.probs.dtype(), plan.probs.shape());
     ctx.ops.add_row_vector(ctx.ops.to_device(row), grad.probs);
   }
 
  private:
   std::vector<double> load_fraction(const LayerLoad& load) const {
-    const double routed = static_cast<double>(
-        std::accumulate(load.routed_per_expert.begin(), load.routed_per_expert.end(), int64_t{0}));
+    const double routed =
+        static_cast<double>(std::accumulate(load.routed_per_expert.begin(), load.routed_per_expert.end(), int64_t{0}));
     const double denominator = per_token_ ? static_cast<double>(load.tokens) : routed;
     std::vector<double> f(static_cast<size_t>(experts_), 0.0);
     if (denominator > 0)

@@ -10,9 +10,7 @@ using namespace moelab;
 
 class ZLoss final : public Balancer {
  public:
-  static ParamSchema schema() {
-    return {param_float("coef", 0.001, "loss coefficient (ST-MoE: 0.001)").at_least(0)};
-  }
+  static ParamSchema schema() { return {param_float("coef", 0.001, "loss coefficient (ST-MoE: 0.001)").at_least(0)}; }
 
   ZLoss(const ParamSet& p, const LayerSpec&, Ops&, Rng&) : coef_(p.get_float("coef")) {}
 

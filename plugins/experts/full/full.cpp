@@ -15,4 +15,5 @@ class FullExperts final : public moelab::FfnExperts {
 
 }  // namespace
 
-MOELAB_EXPERTS_PLUGIN(FullExperts, "full", "1.0.0", "classic two-layer FFN experts (ReLU/GELU/SiLU), as in Switch and GShard")
+MOELAB_EXPERTS_PLUGIN(FullExperts, "full", "1.0.0",
+                      "classic two-layer FFN experts (ReLU/GELU/SiLU), as in Switch and GShard")

@@ -15,4 +15,5 @@ class GluExperts final : public moelab::FfnExperts {
 
 }  // namespace
 
-MOELAB_EXPERTS_PLUGIN(GluExperts, "glu", "1.0.0", "gated-linear-unit experts (SwiGLU/GeGLU), as in Mixtral and DeepSeek")
+MOELAB_EXPERTS_PLUGIN(GluExperts, "glu", "1.0.0",
+                      "gated-linear-unit experts (SwiGLU/GeGLU), as in Mixtral and DeepSeek")

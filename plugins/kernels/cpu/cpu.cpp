@@ -4,8 +4,8 @@
 // comes first: stable formulas, row sums accumulated in double, inputs validated before anything
 // is written.
 #include <cblas.h>
-#include <unistd.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -159,8 +159,8 @@ template <class T>
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2High = 0.693359375f;  // ln 2 = kLn2High + kLn2Low, kLn2High exact in 9 bits
   constexpr float kLn2Low = -2.12194440e-4f;
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kLowest = -103.972084f;     // below it e^y rounds to 0 in f32
+  constexpr float kRoundMagic = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kLowest = -103.972084f;            // below it e^y rounds to 0 in f32
   const float clamped = y >= kLowest ? y : kLowest;  // NaN goes to kLowest here, restored below
   const float n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
   const float r = (clamped - n * kLn2High) - n * kLn2Low;
@@ -464,8 +464,7 @@ struct ActivationLoop {
 // dx (+)= act'(x) * dy over elements [begin, end).
 template <class T, class Fn>
 struct ActivationBackwardLoop {
-  [[gnu::always_inline]] static void run(const T* x, const T* dy, T* dx, bool accumulate, int64_t begin,
-                                         int64_t end) {
+  [[gnu::always_inline]] static void run(const T* x, const T* dy, T* dx, bool accumulate, int64_t begin, int64_t end) {
     if (accumulate) {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) dx[i] += Fn::value_and_derivative(x[i]).derivative * dy[i];
@@ -788,8 +787,8 @@ template <int R, int T>
 // y = x w's tail: out[t][c] (+)= sum_i xt[i][t] * w[i * ldw + c] over `depth` steps for T rows of x
 // (xt = x^T [k][T]) and up to 48 columns c < columns (three vectors of w, masked).
 template <int T>
-[[MOELAB_AVX512]] inline void kn_tail_tile(const float* xt, const float* w, int64_t ldw, int64_t depth,
-                                           int64_t columns, bool accumulate, float* out, int64_t ldo) {
+[[MOELAB_AVX512]] inline void kn_tail_tile(const float* xt, const float* w, int64_t ldw, int64_t depth, int64_t columns,
+                                           bool accumulate, float* out, int64_t ldo) {
   constexpr int NV = 3;
   __mmask16 masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = lane_mask(std::clamp<int64_t>(columns - v * kLanes, 0, kLanes));
@@ -1124,31 +1123,31 @@ void small_grouped_gemm(int threads, const float* x, const float* w, bool trans_
       1, (4 * threads + static_cast<int64_t>(passes.size()) - 1) / static_cast<int64_t>(passes.size()));
   const int64_t kn_step = std::min(kKnMaxColumns, (n + pieces_per_pass - 1) / pieces_per_pass);
   const int64_t step = trans_w ? kNtBlockRows : (kn_step + kNtBlockRows - 1) / kNtBlockRows * kNtBlockRows;
-  run_group_pieces(threads, pass_ids, n, step, price,
-                   [&](const std::vector<GroupPiece>& pieces, int64_t first, int64_t last) {
-                     float* xt = thread_scratch(0, k * kNtMaxRows);
-                     float* ct = thread_scratch(1, step * kNtMaxRows);
-                     float* tail_xt = trans_w ? nullptr : thread_scratch(2, k * kMaxTailRows);
-                     float* tail_out = thread_scratch(3, step * kMaxTailRows);
-                     int64_t packed = -1;
-                     for (int64_t i = first; i < last; ++i) {
-                       const GroupPiece& piece = pieces[static_cast<size_t>(i)];
-                       const Pass& pass = passes[piece.group];
-                       const auto [vectors, tail_rows] = split_of(piece.group);
-                       const int64_t rows = std::min(pass.rows, vectors * kLanes);
-                       const float* tail_x = x + (pass.begin + rows) * k;
-                       if (piece.group != packed) {
-                         pack_transposed(x + pass.begin * k, rows, k, vectors * kLanes, xt);
-                         if (tail_rows > 0 && !trans_w) pack_transposed(tail_x, tail_rows, k, tail_rows, tail_xt);
-                       }
-                       packed = piece.group;
-                       const PassTail tail{tail_rows, tail_x, k, tail_xt, tail_out};
-                       const float* weight = w + pass.group * n * k;
-                       (trans_w ? nt_block_for<false> : nt_block_for<true>)(
-                           vectors, xt, rows, tail, k, weight, trans_w ? k : n, piece.begin, piece.end - piece.begin,
-                           alpha, beta, y + pass.begin * n, n, ct);
-                     }
-                   });
+  run_group_pieces(
+      threads, pass_ids, n, step, price, [&](const std::vector<GroupPiece>& pieces, int64_t first, int64_t last) {
+        float* xt = thread_scratch(0, k * kNtMaxRows);
+        float* ct = thread_scratch(1, step * kNtMaxRows);
+        float* tail_xt = trans_w ? nullptr : thread_scratch(2, k * kMaxTailRows);
+        float* tail_out = thread_scratch(3, step * kMaxTailRows);
+        int64_t packed = -1;
+        for (int64_t i = first; i < last; ++i) {
+          const GroupPiece& piece = pieces[static_cast<size_t>(i)];
+          const Pass& pass = passes[piece.group];
+          const auto [vectors, tail_rows] = split_of(piece.group);
+          const int64_t rows = std::min(pass.rows, vectors * kLanes);
+          const float* tail_x = x + (pass.begin + rows) * k;
+          if (piece.group != packed) {
+            pack_transposed(x + pass.begin * k, rows, k, vectors * kLanes, xt);
+            if (tail_rows > 0 && !trans_w) pack_transposed(tail_x, tail_rows, k, tail_rows, tail_xt);
+          }
+          packed = piece.group;
+          const PassTail tail{tail_rows, tail_x, k, tail_xt, tail_out};
+          const float* weight = w + pass.group * n * k;
+          (trans_w ? nt_block_for<false> : nt_block_for<true>)(vectors, xt, rows, tail, k, weight, trans_w ? k : n,
+                                                               piece.begin, piece.end - piece.begin, alpha, beta,
+                                                               y + pass.begin * n, n, ct);
+        }
+      });
 }
 
 // dw[g] (+)= dy_g^T x_g (trans_w; dw [groups, n, k]) or x_g^T dy_g (dw [groups, k, n]) for the
@@ -1198,8 +1197,7 @@ void blas_groups(int threads, const std::vector<int64_t>& groups, const Price& f
   // rows on 2 threads ran ~15% slower side by side than one after the other).
   constexpr int64_t kMinGroupsPerThread = 8;
   const int workers = openblas_get_num_threads();
-  const int64_t runs =
-      std::min<int64_t>({threads, workers, static_cast<int64_t>(groups.size()) / kMinGroupsPerThread});
+  const int64_t runs = std::min<int64_t>({threads, workers, static_cast<int64_t>(groups.size()) / kMinGroupsPerThread});
   if (runs <= 1 || gotoblas_pthread == nullptr) {
     for (const int64_t g : groups) call(g);
     return;
@@ -1923,20 +1921,21 @@ class CpuOps final : public Ops {
       // Threads own disjoint ranges of destination rows and each walks all of src in order, so
       // every destination row receives its additions in the serial order: deterministic.
       const int64_t dst_rows = dst.dim(0);
-      parallel_chunks(threads_, dst_rows, count * cols / std::max<int64_t>(dst_rows, 1), [&](int64_t begin, int64_t end) {
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t target = pi[i];
-          if (target < begin || target >= end) continue;
-          const T* from = ps + i * cols;
-          T* to = pd + target * cols;
-          if (pw) {
-            const T w = pw[i];
-            for (int64_t c = 0; c < cols; ++c) to[c] += w * from[c];
-          } else {
-            for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
-          }
-        }
-      });
+      parallel_chunks(threads_, dst_rows, count * cols / std::max<int64_t>(dst_rows, 1),
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t i = 0; i < count; ++i) {
+                          const int64_t target = pi[i];
+                          if (target < begin || target >= end) continue;
+                          const T* from = ps + i * cols;
+                          T* to = pd + target * cols;
+                          if (pw) {
+                            const T w = pw[i];
+                            for (int64_t c = 0; c < cols; ++c) to[c] += w * from[c];
+                          } else {
+                            for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
+                          }
+                        }
+                      });
     });
   }
 

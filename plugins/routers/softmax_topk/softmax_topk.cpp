@@ -66,12 +66,15 @@ class SoftmaxTopK final : public Router {
 
     saved->selected = ops.empty(x.dtype(), {tokens, k});
     Tensor index = ops.empty(DType::i32, {tokens, k});
-    ops.topk_rows(softmax_first_ ? plan.probs : plan.logits, static_cast<int>(k), ctx.expert_bias,
-                  saved->selected, index);
+    ops.topk_rows(softmax_first_ ? plan.probs : plan.logits, static_cast<int>(k), ctx.expert_bias, saved->selected,
+                  index);
     Tensor weight = ops.empty(x.dtype(), {tokens, k});
-    if (!softmax_first_) ops.softmax_rows(saved->selected, temperature_, weight);
-    else if (renormalize_) ops.normalize_rows(saved->selected, weight);
-    else ops.copy(saved->selected, weight);
+    if (!softmax_first_)
+      ops.softmax_rows(saved->selected, temperature_, weight);
+    else if (renormalize_)
+      ops.normalize_rows(saved->selected, weight);
+    else
+      ops.copy(saved->selected, weight);
 
     plan.expert = index.reshaped({tokens * k});
     plan.weight = weight.reshaped({tokens * k});
@@ -90,9 +93,12 @@ class SoftmaxTopK final : public Router {
 
     // d(selected) from d(weight), then scattered back to the full [T, E] matrix it came from.
     Tensor dselected = ops.empty(x.dtype(), {tokens, k});
-    if (!softmax_first_) ops.softmax_rows_backward(weight, dweight, temperature_, false, dselected);
-    else if (renormalize_) ops.normalize_rows_backward(saved.selected, weight, dweight, false, dselected);
-    else ops.copy(dweight, dselected);
+    if (!softmax_first_)
+      ops.softmax_rows_backward(weight, dweight, temperature_, false, dselected);
+    else if (renormalize_)
+      ops.normalize_rows_backward(saved.selected, weight, dweight, false, dselected);
+    else
+      ops.copy(dweight, dselected);
 
     Tensor dlogits = gradient_from(ops, grad.logits, x.dtype(), {tokens, experts});
     Tensor dprobs = gradient_from(ops, grad.probs, x.dtype(), {tokens, experts});
