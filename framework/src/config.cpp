@@ -86,6 +86,27 @@ double TrainConfig::lr_at(int64_t step) const {
   return lr;
 }
 
+// Upper bounds of the sizes a recipe states: each far beyond any published model (DeepSeek-V3:
+// d_model 7168, 256 experts, 61 layers, vocabulary 129280), low enough that products of a few of
+// them stay exact in int64 and that `check` never loops over an absurd count. What a run would
+// allocate is checked separately, against the machine's memory.
+constexpr double kMaxWidth = 1 << 16;        // d_model, MLA ranks
+constexpr double kMaxFfn = 1 << 20;          // dense FFN width
+constexpr double kMaxVocab = 1 << 24;        // vocabulary, Markov branching
+constexpr double kMaxLayers = 1024;          // layers per stack
+constexpr double kMaxHeads = 1024;           // attention heads
+constexpr double kMaxHeadDim = 4096;         // per-head widths, T5 buckets
+constexpr double kMaxMtp = 64;               // multi-token prediction modules
+constexpr double kMaxExperts = 1 << 16;      // routed experts
+constexpr double kMaxTopK = 1024;            // experts per token
+constexpr double kMaxSteps = 1e9;            // steps and step intervals
+constexpr double kMaxBatch = 1 << 20;        // sequences per step
+constexpr double kMaxSeqLen = 1 << 20;       // tokens per sequence
+constexpr double kMaxEvalBatches = 1 << 20;  // batches per evaluation
+constexpr double kMaxDomains = 1 << 16;      // Markov sources, task clusters
+constexpr double kMaxOrder = 16;             // Markov context length
+constexpr double kMaxCount = 1e15;           // token counts
+
 std::vector<SectionSchema> core_schema() {
   return {
       {"",
@@ -99,47 +120,49 @@ std::vector<SectionSchema> core_schema() {
                           "the plugin tables are checked")}},
       {"kernel", {param_string("type", "", "kernel plugin; default: the device's name. Its parameters follow")}},
       {"model",
-       {param_int("d_model", 64, "hidden size of the tokens the MoE layer sees").at_least(1),
+       {param_int("d_model", 64, "hidden size of the tokens the MoE layer sees").range(1, kMaxWidth),
         param_choice("dtype", "f32", {"f32", "f64"}, "parameter and activation dtype"),
         param_choice("architecture", "decoder", {"decoder", "encoder_decoder"},
                      "decoder-only, or a T5-style encoder-decoder (Switch, GShard, ST-MoE)"),
         param_int("vocab_size", 0, "token vocabulary; 0: no embedding or LM head (the built-in task feeds vectors)")
-            .at_least(0),
+            .range(0, kMaxVocab),
         param_int("n_layers", 1, "transformer layers of the decoder (the only stack of a decoder-only model)")
-            .at_least(1),
-        param_int("n_encoder_layers", 0, "encoder layers; encoder_decoder only").at_least(0),
+            .range(1, kMaxLayers),
+        param_int("n_encoder_layers", 0, "encoder layers; encoder_decoder only").range(0, kMaxLayers),
         param_choice("attention", "none", {"none", "mha", "gqa", "mla"},
                      "self-attention: none (the bare MoE layer), multi-head, grouped-query, or DeepSeek's "
                      "multi-head latent attention"),
-        param_int("n_heads", 1, "attention heads").at_least(1),
-        param_int("n_kv_heads", 0, "key/value heads (GQA); 0: n_heads").at_least(0),
-        param_int("head_dim", 0, "width of one head; 0: d_model / n_heads").at_least(0),
+        param_int("n_heads", 1, "attention heads").range(1, kMaxHeads),
+        param_int("n_kv_heads", 0, "key/value heads (GQA); 0: n_heads").range(0, kMaxHeads),
+        param_int("head_dim", 0, "width of one head; 0: d_model / n_heads").range(0, kMaxHeadDim),
         param_bool("attention_bias", false, "biases on the q, k, v and output projections"),
         param_bool("qkv_bias", false, "biases on the q, k and v projections only (Qwen1.5, Qwen2)"),
         param_choice("qk_norm", "none", {"none", "head", "full"},
                      "RMSNorm on queries and keys: per head (Qwen3, width head_dim) or over the whole "
                      "projection (OLMoE)"),
-        param_int("q_lora_rank", 0, "MLA: rank of the query compression; 0 projects queries directly").at_least(0),
-        param_int("kv_lora_rank", 512, "MLA: rank of the joint key/value compression").at_least(1),
-        param_int("qk_nope_head_dim", 128, "MLA: per-head query/key width without RoPE").at_least(1),
+        param_int("q_lora_rank", 0, "MLA: rank of the query compression; 0 projects queries directly")
+            .range(0, kMaxWidth),
+        param_int("kv_lora_rank", 512, "MLA: rank of the joint key/value compression").range(1, kMaxWidth),
+        param_int("qk_nope_head_dim", 128, "MLA: per-head query/key width without RoPE").range(1, kMaxHeadDim),
         param_int("qk_rope_head_dim", 64, "MLA: per-head query/key width carrying RoPE (the key part shared)")
-            .at_least(0),
-        param_int("v_head_dim", 128, "MLA: per-head value width").at_least(1),
+            .range(0, kMaxHeadDim),
+        param_int("v_head_dim", 128, "MLA: per-head value width").range(1, kMaxHeadDim),
         param_int("relative_attention_buckets", 0,
                   "T5 relative position bias buckets ([buckets, n_heads] per stack); 0: none")
-            .at_least(0),
-        param_int("d_ff", 0, "hidden width of the dense FFN layers; 0: there are none").at_least(0),
+            .range(0, kMaxHeadDim),
+        param_int("d_ff", 0, "hidden width of the dense FFN layers; 0: there are none").range(0, kMaxFfn),
         param_choice("dense_ffn", "glu", {"glu", "full"}, "dense FFN: gated (gate, up, down) or two-layer (in, out)"),
         param_choice("dense_activation", "silu", {"relu", "gelu", "gelu_erf", "silu"}, "dense FFN activation"),
-        param_int("first_dense_layers", 0, "k: the first k layers of each stack have a dense FFN").at_least(0),
+        param_int("first_dense_layers", 0, "k: the first k layers of each stack have a dense FFN").range(0, kMaxLayers),
         param_int("moe_every", 1, "n: after the first k, layers k+n-1, k+2n-1, ... are MoE, the rest dense")
-            .at_least(1),
+            .range(1, kMaxLayers),
         param_choice("norm", "none", {"none", "rmsnorm", "layernorm"},
                      "normalisation before each sub-layer and at the end of each stack"),
         param_bool("norm_bias", false, "layernorm with a bias"),
         param_bool("tied_embeddings", false, "the LM head reuses the token embedding"),
-        param_float("rope_theta", 10000.0, "RoPE base: head pair i turns at theta^(-2i/head_dim) per position; > 0"),
-        param_float("norm_eps", 1e-6, "epsilon inside every RMSNorm / LayerNorm; > 0"),
+        param_float("rope_theta", 10000.0, "RoPE base: head pair i turns at theta^(-2i/head_dim) per position")
+            .above(0),
+        param_float("norm_eps", 1e-6, "epsilon inside every RMSNorm / LayerNorm").above(0),
         param_float("init_std", 0.02, "standard deviation of the normal init of projections and embeddings")
             .at_least(0),
         param_float("mtp_loss_weight", 0.3,
@@ -148,7 +171,7 @@ std::vector<SectionSchema> core_schema() {
         param_int("mtp_modules", 0,
                   "DeepSeek-V3 multi-token prediction modules (each: two norms, a [d, 2d] projection, one "
                   "layer; embedding and head shared); counted apart from the model")
-            .at_least(0)}},
+            .range(0, kMaxMtp)}},
       {"reference",
        {param_int("published_total_params", 0, "total parameters as published; 0: none published").at_least(0),
         param_int("published_active_params", 0, "active parameters per token as published; 0: none published")
@@ -162,14 +185,14 @@ std::vector<SectionSchema> core_schema() {
                      "why inspect misses a published figure by more than the tolerance; the test then "
                      "checks that the miss is real")}},
       {"moe",
-       {param_int("num_experts", 8, "routed experts, as the recipe states them").at_least(1),
-        param_int("top_k", 2, "experts per token; at most num_experts").at_least(1),
-        param_float("capacity_factor", 1.25, "expert capacity in training, times tokens*k/experts; > 0"),
-        param_float("eval_capacity_factor", 2.0, "expert capacity in evaluation; > 0"),
+       {param_int("num_experts", 8, "routed experts, as the recipe states them").range(1, kMaxExperts),
+        param_int("top_k", 2, "experts per token; at most num_experts").range(1, kMaxTopK),
+        param_float("capacity_factor", 1.25, "expert capacity in training, times tokens*k/experts").above(0),
+        param_float("eval_capacity_factor", 2.0, "expert capacity in evaluation").above(0),
         param_choice("overflow", "drop", {"drop", "reroute", "dropless"},
                      "what happens to a token beyond an expert's capacity"),
         param_int("dead_expert_window", 10000, "tokens an expert may go unused before it is reported dead")
-            .at_least(1)}},
+            .range(1, kMaxCount)}},
       {"moe.router", {param_string("type", "", "router plugin. Its parameters follow").required()}},
       {"moe.experts", {param_string("type", "", "expert layout plugin. Its parameters follow").required()}},
       {"moe.balancers",
@@ -178,27 +201,28 @@ std::vector<SectionSchema> core_schema() {
                      "none by default")
             .required()}},
       {"train",
-       {param_int("steps", 200, "optimiser steps").at_least(1),
-        param_int("batch_size", 8, "sequences per step").at_least(1),
-        param_int("seq_len", 64, "tokens per sequence").at_least(1), param_float("lr", 1e-3, "peak learning rate; > 0"),
+       {param_int("steps", 200, "optimiser steps").range(1, kMaxSteps),
+        param_int("batch_size", 8, "sequences per step").range(1, kMaxBatch),
+        param_int("seq_len", 64, "tokens per sequence").range(1, kMaxSeqLen),
+        param_float("lr", 1e-3, "peak learning rate").above(0),
         param_choice("schedule", "cosine", {"constant", "cosine", "linear"},
                      "after warmup: constant, cosine or linear decay to lr * min_lr_ratio at the last step"),
-        param_int("warmup_steps", 0, "linear warmup from 0 to lr over these steps").at_least(0),
+        param_int("warmup_steps", 0, "linear warmup from 0 to lr over these steps").range(0, kMaxSteps),
         param_float("min_lr_ratio", 0.1, "final learning rate as a fraction of lr").range(0, 1),
         param_float("beta1", 0.9, "AdamW first-moment decay").range(0, 0.999999),
         param_float("beta2", 0.95, "AdamW second-moment decay").range(0, 0.999999),
-        param_float("eps", 1e-8, "AdamW epsilon; > 0"),
+        param_float("eps", 1e-8, "AdamW epsilon").above(0),
         param_float("weight_decay", 0.0, "decoupled weight decay; never applied to biases, norms or the expert bias")
             .at_least(0),
         param_string_list("no_decay", {},
                           "parameter groups exempt from weight decay besides biases and norms: names containing "
                           "one of these (\"embed\", \"head\", \"router\", ...)"),
         param_float("grad_clip", 1.0, "global gradient norm clip; 0 disables").at_least(0),
-        param_int("log_every", 10, "steps between metric lines").at_least(1),
-        param_int("eval_every", 50, "steps between evaluations; 0: only after the last step").at_least(0),
-        param_int("eval_batches", 4, "batches per evaluation").at_least(1),
+        param_int("log_every", 10, "steps between metric lines").range(1, kMaxSteps),
+        param_int("eval_every", 50, "steps between evaluations; 0: only after the last step").range(0, kMaxSteps),
+        param_int("eval_batches", 4, "batches per evaluation").range(1, kMaxEvalBatches),
         param_int("checkpoint_every", 0, "steps between checkpoints (moelab run --resume); 0: only at the end")
-            .at_least(0),
+            .range(0, kMaxSteps),
         param_bool("keep_checkpoints", false,
                    "keep every checkpoint as checkpoints/step_NNNNNNNN.safetensors beside the latest")}},
       {"data",
@@ -210,17 +234,17 @@ std::vector<SectionSchema> core_schema() {
                   "initialisation and routing noise across seeds)")
             .at_least(-1),
         param_int("domains", 4, "markov: sources, each its own random Markov chain; a sequence comes from one")
-            .at_least(1),
-        param_int("order", 1, "markov: tokens of context each source conditions on").at_least(1),
-        param_int("branching", 4, "markov: successors of each context").at_least(1),
-        param_float("concentration", 1.0, "markov: Dirichlet concentration of the successor probabilities; > 0"),
+            .range(1, kMaxDomains),
+        param_int("order", 1, "markov: tokens of context each source conditions on").range(1, kMaxOrder),
+        param_int("branching", 4, "markov: successors of each context").range(1, kMaxVocab),
+        param_float("concentration", 1.0, "markov: Dirichlet concentration of the successor probabilities").above(0),
         param_string_list("paths", {}, "text / tokens: files or globs, relative to the file that sets them"),
         param_choice("token_dtype", "u16", {"u16", "u32"}, "tokens: little-endian token width, no header"),
         param_float("eval_fraction", 0.1, "text / tokens: share of the tokens held out for evaluation")
             .range(0.0001, 0.9)}},
       {"task",
        {param_choice("kind", "regression", {"regression"}, "the synthetic task"),
-        param_int("clusters", 8, "clusters of the token mixture, each with its own teacher").at_least(1),
+        param_int("clusters", 8, "clusters of the token mixture, each with its own teacher").range(1, kMaxDomains),
         param_float("noise", 0.01, "standard deviation of the target noise").at_least(0)}},
       {"output", {param_string("dir", "runs", "parent folder of run folders, relative to the working directory")}},
   };
@@ -478,14 +502,6 @@ class Validator {
     return set;
   }
 
-  // Strictly positive floats: ParamSpec bounds are inclusive, so these carry no bound in the
-  // schema (their doc says "> 0") and are checked here.
-  void require_positive(const ParamSet& set, const std::string& path, const std::string& name) {
-    if (set.has(name) && set.get_float(name) <= 0)
-      error(Recipe::key_path(path, name),
-            fmt::format("must be greater than 0, got {}", param_value_str(ParamValue{set.get_float(name)})));
-  }
-
   // A plugin table: `type` names a plugin of `kind`, the other keys are its parameters.
   // `default_type`: the type when the table has none (the kernel's is the device name).
   std::optional<PluginChoice> plugin(toml::table& table, const std::string& path, PluginKind kind,
@@ -573,7 +589,6 @@ fs::path resolve_recipe_path(const Recipe& recipe, const std::string& list_key, 
 
 // [model] beyond d_model and dtype: the transformer around the MoE layers, and its cross-field rules.
 void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, ModelConfig& m) {
-  if (!values.has("architecture")) return;  // a key had the wrong type: already reported
   auto set = [&](const char* key) { return recipe.where(std::string("model.") + key).known(); };
   // Rules about keys that do not apply look at values, not at whether a key is written: a
   // resolved recipe (moelab show, a run folder's recipe.toml) writes every default.
@@ -620,8 +635,6 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
   m.rope_theta = values.get_float("rope_theta");
   m.norm_eps = values.get_float("norm_eps");
   m.init_std = values.get_float("init_std");
-  check.require_positive(values, "model", "rope_theta");
-  check.require_positive(values, "model", "norm_eps");
 
   const bool encoder_decoder = m.architecture == Architecture::encoder_decoder;
   if (encoder_decoder && m.n_encoder_layers < 1)
@@ -743,10 +756,12 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   // --- [model] -----------------------------------------------------------------------------------
   const size_t before_layer = check.errors();
   if (toml::table* model = check.section(root, "", "model")) {
+    const size_t before_model = check.errors();
     const ParamSet values = check.params(*model, "model", schema_of(sections, "model"), {});
     read_value(values, "d_model", config.model.d_model);
     if (values.has("dtype")) config.model.dtype = values.get_string("dtype") == "f64" ? DType::f64 : DType::f32;
-    read_model(check, recipe, values, config.model);
+    // Its cross-field rules read every key: only when each has a valid value (else it is reported).
+    if (check.errors() == before_model) read_model(check, recipe, values, config.model);
   }
   if (toml::table* reference = check.section(root, "", "reference")) {
     const ParamSet values = check.params(*reference, "reference", schema_of(sections, "reference"), {});
@@ -766,8 +781,6 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   bool plugins_ok = false;
   if (toml::table* moe = check.section(root, "", "moe")) {
     const ParamSet values = check.params(*moe, "moe", schema_of(sections, "moe"), {"router", "experts", "balancers"});
-    check.require_positive(values, "moe", "capacity_factor");
-    check.require_positive(values, "moe", "eval_capacity_factor");
     MoeConfig& m = config.moe;
     read_value(values, "num_experts", m.num_experts);
     read_value(values, "top_k", m.top_k);
@@ -833,7 +846,6 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   // --- [train], [task], [output] -------------------------------------------------------------------
   if (toml::table* train = check.section(root, "", "train")) {
     const ParamSet values = check.params(*train, "train", schema_of(sections, "train"), {});
-    check.require_positive(values, "train", "lr");
     TrainConfig& t = config.train;
     read_value(values, "steps", t.steps);
     read_value(values, "batch_size", t.batch_size);
@@ -850,7 +862,6 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     read_value(values, "beta1", t.beta1);
     read_value(values, "beta2", t.beta2);
     read_value(values, "eps", t.eps);
-    check.require_positive(values, "train", "eps");
     read_value(values, "checkpoint_every", t.checkpoint_every);
     read_value(values, "keep_checkpoints", t.keep_checkpoints);
     read_value(values, "no_decay", t.no_decay);
@@ -875,7 +886,6 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     read_value(values, "order", d.order);
     read_value(values, "branching", d.branching);
     read_value(values, "concentration", d.concentration);
-    check.require_positive(values, "data", "concentration");
     read_value(values, "token_dtype", d.token_dtype);
     read_value(values, "eval_fraction", d.eval_fraction);
     if (values.has("paths")) {

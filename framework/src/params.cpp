@@ -158,12 +158,12 @@ std::string value_kind(const ParamValue& v) {
 }
 std::string check_number(const ParamSpec& spec, double x, const std::string& shown) {
   if (!std::isfinite(x)) return fmt::format("must be a finite number, got {}", shown);
-  if (spec.min && x < *spec.min) {
-    if (spec.max) return fmt::format("must be in [{}, {}], got {}", *spec.min, *spec.max, shown);
-    return fmt::format("must be at least {}, got {}", *spec.min, shown);
-  }
-  if (spec.max && x > *spec.max) {
-    if (spec.min) return fmt::format("must be in [{}, {}], got {}", *spec.min, *spec.max, shown);
+  const bool below = spec.min && (spec.min_exclusive ? x <= *spec.min : x < *spec.min);
+  if (below || (spec.max && x > *spec.max)) {
+    const char* open = spec.min_exclusive ? "(" : "[";
+    if (spec.min && spec.max) return fmt::format("must be in {}{}, {}], got {}", open, *spec.min, *spec.max, shown);
+    if (spec.min && spec.min_exclusive) return fmt::format("must be greater than {}, got {}", *spec.min, shown);
+    if (spec.min) return fmt::format("must be at least {}, got {}", *spec.min, shown);
     return fmt::format("must be at most {}, got {}", *spec.max, shown);
   }
   return {};

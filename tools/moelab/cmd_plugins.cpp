@@ -26,9 +26,9 @@ std::string number_str(double value) {
 std::string constraint_str(const ParamSpec& spec) {
   std::string out;
   if (spec.min && spec.max)
-    out = fmt::format("[{}, {}]", number_str(*spec.min), number_str(*spec.max));
+    out = fmt::format("{}{}, {}]", spec.min_exclusive ? "(" : "[", number_str(*spec.min), number_str(*spec.max));
   else if (spec.min)
-    out = fmt::format(">= {}", number_str(*spec.min));
+    out = fmt::format("{} {}", spec.min_exclusive ? ">" : ">=", number_str(*spec.min));
   else if (spec.max)
     out = fmt::format("<= {}", number_str(*spec.max));
   if (!spec.choices.empty()) {
@@ -88,6 +88,7 @@ boost::json::object plugin_json(const PluginInfo& p) {
         {"required", !spec.default_value.has_value()},
         {"default", spec.default_value ? param_value_json(*spec.default_value) : boost::json::value(nullptr)},
         {"min", spec.min ? boost::json::value(*spec.min) : boost::json::value(nullptr)},
+        {"min_exclusive", spec.min_exclusive},
         {"max", spec.max ? boost::json::value(*spec.max) : boost::json::value(nullptr)},
         {"doc", spec.doc},
     };

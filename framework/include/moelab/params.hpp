@@ -25,9 +25,10 @@ struct ParamSpec {
   std::string name;
   ParamType type = ParamType::real;
   std::optional<ParamValue> default_value;  // none: the key is required
-  std::optional<double> min, max;           // inclusive bounds, for numbers and list elements
+  std::optional<double> min, max;           // inclusive bounds, for numbers and list elements...
   std::vector<std::string> choices;         // allowed strings, when non-empty
   std::string doc;
+  bool min_exclusive = false;  // ...except min when this is set: x > min
 
   // Fluent refinements, so a schema reads as a table.
   ParamSpec& range(double lo, double hi) {
@@ -37,6 +38,11 @@ struct ParamSpec {
   }
   ParamSpec& at_least(double lo) {
     min = lo;
+    return *this;
+  }
+  ParamSpec& above(double lo) {  // strictly: x > lo
+    min = lo;
+    min_exclusive = true;
     return *this;
   }
   ParamSpec& one_of(std::vector<std::string> allowed) {
