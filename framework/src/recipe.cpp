@@ -46,7 +46,11 @@ struct PathPart {
 };
 using KeyPath = std::vector<PathPart>;
 
-// Parses "a.b", "a.\"x.y\"", "moe.balancers[1].type". Nothing on malformed input.
+// A dotted key has at most this many parts (recipes nest a few levels; see kMaxNesting).
+constexpr size_t kMaxKeyParts = 32;
+
+// Parses "a.b", "a.\"x.y\"", "moe.balancers[1].type". Nothing on malformed input or past
+// kMaxKeyParts parts.
 std::optional<KeyPath> parse_path(std::string_view text) {
   KeyPath parts;
   size_t i = 0;
@@ -80,6 +84,7 @@ std::optional<KeyPath> parse_path(std::string_view text) {
         if (part.key.empty()) return std::nullopt;
       }
       parts.push_back(std::move(part));
+      if (parts.size() > kMaxKeyParts) return std::nullopt;
       need_key = false;
       continue;
     }
@@ -155,6 +160,51 @@ SourceLocation location_of(const toml::source_region& region) {
   loc.line = static_cast<int>(region.begin.line);
   loc.column = static_cast<int>(region.begin.column);
   return loc;
+}
+
+// Tables and arrays may nest at most this deep (a dotted key a.b.c is three levels). Every later
+// step (origins, merging, references, printing) walks the tree recursively; this bound keeps
+// them far from the stack's end, whatever a file holds.
+constexpr size_t kMaxNesting = 64;
+
+// The first node nested deeper than kMaxNesting, found without recursion; nullptr when none is.
+const toml::node* too_deep(const toml::node& root) {
+  std::vector<std::pair<const toml::node*, size_t>> stack{{&root, 0}};
+  while (!stack.empty()) {
+    auto [node, depth] = stack.back();
+    stack.pop_back();
+    if (depth > kMaxNesting) return node;
+    if (const auto* table = node->as_table())
+      for (auto&& [key, child] : *table) stack.emplace_back(&child, depth + 1);
+    else if (const auto* array = node->as_array())
+      for (const auto& child : *array) stack.emplace_back(&child, depth + 1);
+  }
+  return nullptr;
+}
+
+// Empties a table without recursion, so that destroying a pathologically deep one cannot
+// overflow the stack (toml++'s destructors recurse).
+void dismantle(toml::table&& root) {
+  std::vector<toml::table> tables;
+  std::vector<toml::array> arrays;
+  tables.push_back(std::move(root));
+  while (!tables.empty() || !arrays.empty()) {
+    auto take = [&](toml::node& child) {
+      if (auto* t = child.as_table())
+        tables.push_back(std::move(*t));
+      else if (auto* a = child.as_array())
+        arrays.push_back(std::move(*a));
+    };
+    if (!tables.empty()) {
+      toml::table table = std::move(tables.back());
+      tables.pop_back();
+      for (auto&& [key, child] : table) take(child);
+    } else {
+      toml::array array = std::move(arrays.back());
+      arrays.pop_back();
+      for (auto& child : array) take(child);
+    }
+  }
 }
 
 // Records where every value below `node` was written. With `fixed`, every entry gets that place
@@ -733,6 +783,9 @@ std::vector<std::string> short_names(const std::vector<SweepAxis>& axes) {
 
 // ---------------------------------------------------------------------------------------------
 
+// Recipes are a few KiB; anything far larger is not one (and is not read whole into memory).
+constexpr uintmax_t kMaxRecipeBytes = 4u << 20;
+
 std::string read_file(const fs::path& file, std::string& error) {
   std::error_code ec;
   if (!fs::exists(file, ec)) {
@@ -741,6 +794,14 @@ std::string read_file(const fs::path& file, std::string& error) {
   }
   if (fs::is_directory(file, ec)) {
     error = "is a directory, not a file";
+    return {};
+  }
+  if (!fs::is_regular_file(file, ec)) {
+    error = "is not a regular file (a device, a FIFO or a socket?)";
+    return {};
+  }
+  if (const auto size = fs::file_size(file, ec); !ec && size > kMaxRecipeBytes) {
+    error = fmt::format("is {} bytes; a recipe file is at most {} MiB", size, kMaxRecipeBytes >> 20);
     return {};
   }
   std::ifstream in(file, std::ios::binary);
@@ -794,14 +855,24 @@ struct RecipeLoader {
   };
 
   std::optional<toml::table> parse_text(const std::string& text, const std::string& display) {
+    toml::table parsed;
     try {
-      return toml::parse(text, std::string(display));
+      parsed = toml::parse(text, std::string(display));
     } catch (const toml::parse_error& e) {
       SourceLocation where = location_of(e.source());
       where.file = display;
       diagnostics.add(where, {}, fmt::format("malformed TOML: {}", e.description()));
       return std::nullopt;
     }
+    if (const toml::node* deep = too_deep(parsed)) {
+      SourceLocation where = location_of(deep->source());
+      where.file = display;
+      diagnostics.add(where, {}, fmt::format("tables and arrays nested more than {} deep", kMaxNesting),
+                      "a recipe's keys nest a few levels, as in moe.router.type");
+      dismantle(std::move(parsed));
+      return std::nullopt;
+    }
+    return parsed;
   }
 
   Loaded load_file(const std::string& text, const std::string& display, const std::string& id) {
@@ -846,6 +917,11 @@ struct RecipeLoader {
                     "a recipe cannot extend itself, directly or through other files");
           continue;
         }
+        if (base.extension() != ".toml") {
+          add_error(diagnostics, own_origins, key, fmt::format("extends '{}', which is not a .toml file", written),
+                    "a recipe extends other recipes: files whose names end in .toml");
+          continue;
+        }
         std::string error;
         const std::string base_text = read_file(base, error);
         if (!error.empty()) {
@@ -886,6 +962,11 @@ struct RecipeLoader {
     const std::string key = trim(text.substr(0, eq));
     const std::string value = trim(text.substr(eq + 1));
     auto parts = parse_path(key);
+    if (!parts && std::count(key.begin(), key.end(), '.') >= static_cast<std::ptrdiff_t>(kMaxKeyParts)) {
+      diagnostics.add(where, key.substr(0, 60) + "...", fmt::format("the key has more than {} parts", kMaxKeyParts),
+                      "a recipe's keys nest a few levels, as in moe.router.type");
+      return;
+    }
     if (!parts) {
       diagnostics.add(where, key, fmt::format("'{}' is not a dotted key", key),
                       "e.g. --set moe.router.type=softmax_topk or --set moe.balancers[0].coef=0.1");

@@ -1,6 +1,8 @@
 // The recipe language: extends, --set overrides, ${...} references, [sweep], source locations,
 // printing. No plugins are needed here; validation against schemas is test_config.cpp.
 #include <doctest/doctest.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
 #include <toml++/toml.h>
 #include <unistd.h>
 
@@ -202,6 +204,52 @@ TEST_CASE("extends: a missing file is an error at the extends line; a bad extend
   const Diagnostics unreadable = errors_of([&] { Recipe::load(dir.root() / "nope.toml"); });
   CHECK(unreadable.items()[0].where.file == (dir.root() / "nope.toml").string());
   CHECK(unreadable.items()[0].message.find("cannot read recipe") != std::string::npos);
+}
+
+TEST_CASE("extends: only regular .toml files of bounded size are read, and the error names the extends line") {
+  TempDir dir;
+  for (const char* target : {"/dev/zero", "/etc/passwd", "/dev/stdin"}) {
+    const Diagnostics errors =
+        errors_of([&] { Recipe::parse(fmt::format("extends = \"{}\"\n", target), dir.root() / "r.toml"); });
+    REQUIRE(errors.size() == 1);
+    CHECK(errors.items()[0].key == "extends");
+    CHECK(errors.items()[0].where.str() == (dir.root() / "r.toml").string() + ":1:11");
+    CHECK(errors.items()[0].message.find("not a .toml file") != std::string::npos);
+  }
+  // A name ending in .toml that is a device or a FIFO is not read either.
+  const fs::path fifo = dir.root() / "fifo.toml";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  const Diagnostics fifo_errors = errors_of([&] { Recipe::parse("extends = \"fifo.toml\"\n", dir.root() / "r.toml"); });
+  CHECK(fifo_errors.items()[0].message.find("not a regular file") != std::string::npos);
+  const fs::path link = dir.root() / "zero.toml";
+  fs::create_symlink("/dev/zero", link);
+  const Diagnostics link_errors = errors_of([&] { Recipe::parse("extends = \"zero.toml\"\n", dir.root() / "r.toml"); });
+  CHECK(link_errors.items()[0].message.find("not a regular file") != std::string::npos);
+  // Past the size limit: refused by its size, not read.
+  const fs::path big = dir.root() / "big.toml";
+  { std::ofstream(big) << std::string(5u << 20, '#'); }
+  const Diagnostics big_errors = errors_of([&] { Recipe::parse("extends = \"big.toml\"\n", dir.root() / "r.toml"); });
+  CHECK(big_errors.items()[0].message.find("at most 4 MiB") != std::string::npos);
+}
+
+TEST_CASE("nesting: a dotted key thousands of levels deep is an error, not a stack overflow") {
+  TempDir dir;
+  std::string deep = "a";
+  for (int i = 0; i < 30000; ++i) deep += ".a";
+  const fs::path r = dir.write("deep.toml", "x = 1\n" + deep + " = 1\n");
+  const Diagnostics errors = errors_of([&] { Recipe::load(r); });
+  REQUIRE(errors.size() == 1);
+  CHECK(errors.items()[0].where.file == r.string());
+  CHECK(errors.items()[0].where.line == 2);
+  CHECK(errors.items()[0].message.find("nested more than 64 deep") != std::string::npos);
+  // Arrays count too; 64 levels of tables are still fine.
+  std::string ok = "a";
+  for (int i = 0; i < 62; ++i) ok += ".a";
+  CHECK_NOTHROW(Recipe::parse(ok + " = 1\n", dir.root() / "ok.toml"));
+  // An override's key is bounded too.
+  const Diagnostics set =
+      errors_of([&] { Recipe::parse("", dir.root() / "s.toml", LoadOptions{{deep.substr(0, 401) + "=1"}}); });
+  CHECK(set.items()[0].message.find("more than 32 parts") != std::string::npos);
 }
 
 TEST_CASE("malformed TOML: file:line:column from the parser, in every file of the chain") {

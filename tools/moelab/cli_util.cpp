@@ -101,13 +101,22 @@ void print_error(const std::string& message) {
   std::fprintf(stderr, "moelab: error: %s\n", text.c_str());
 }
 
+constexpr size_t kShownErrors = 50;
+
 int guarded(const std::function<int()>& body) {
   try {
     return body();
   } catch (const UsageError& e) {
     if (!e.diagnostics().empty()) {
-      for (const auto& d : e.diagnostics().items()) std::fprintf(stderr, "%s\n", d.format().c_str());
-      std::fprintf(stderr, "moelab: %zu error%s\n", e.diagnostics().size(), e.diagnostics().size() == 1 ? "" : "s");
+      // The first kShownErrors, then a count: thousands of lines help nobody, and the first few
+      // usually explain the rest (`moelab check --json` lists them all).
+      const auto& items = e.diagnostics().items();
+      for (size_t i = 0; i < items.size() && i < kShownErrors; ++i)
+        std::fprintf(stderr, "%s\n", items[i].format().c_str());
+      if (items.size() > kShownErrors)
+        std::fprintf(stderr, "moelab: %zu more errors not shown (moelab check --json lists every one)\n",
+                     items.size() - kShownErrors);
+      std::fprintf(stderr, "moelab: %zu error%s\n", items.size(), items.size() == 1 ? "" : "s");
     } else {
       print_error(e.what());
     }

@@ -5,6 +5,7 @@
 #include <boost/json.hpp>
 #include <cstdio>
 #include <string>
+#include <unordered_map>
 
 #include "cli_util.hpp"
 #include "moelab/config.hpp"
@@ -39,18 +40,18 @@ Validation validate(const std::string& file, const std::vector<std::string>& ove
   // folder already scanned is not scanned again.
   PluginRegistry registry = PluginRegistry::with_default_path();
   std::vector<std::pair<Diagnostic, std::vector<std::string>>> found;  // (problem, labels of its points)
+  std::unordered_map<std::string, size_t> index;                       // formatted problem -> its place in found
   for (auto& point : out.points) {
     try {
       build_config(*point.recipe, registry);
     } catch (const UsageError& e) {
       if (e.diagnostics().empty()) throw;
       for (const auto& d : e.diagnostics().items()) {
-        auto same =
-            std::find_if(found.begin(), found.end(), [&](const auto& f) { return f.first.format() == d.format(); });
-        if (same == found.end())
+        const auto [at, fresh] = index.try_emplace(d.format(), found.size());
+        if (fresh)
           found.push_back({d, {point.label}});
         else
-          same->second.push_back(point.label);
+          found[at->second].second.push_back(point.label);
       }
     }
   }
