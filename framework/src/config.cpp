@@ -538,14 +538,22 @@ class Validator {
             known_hint(""));
       return std::nullopt;
     }
+    if (std::string twice = registry_.duplicate(kind, type); !twice.empty()) {
+      error(type_key, twice, "remove one of the two files, or its folder from the plugin search path");
+      return std::nullopt;
+    }
     const PluginInfo* info = registry_.find(kind, type);
     if (!info) {
       std::string hint = known_hint(nearest_name(type, known));
       if (const PluginInfo* other = registry_.find_any(type))
         hint += fmt::format("; '{}' is a {} plugin", type, plugin_kind_name(other->kind));
-      if (!registry_.problems().empty())
-        hint +=
-            fmt::format("; {} plugin file(s) could not be loaded, see 'moelab plugins'", registry_.problems().size());
+      // Why files of the search path were not usable, here rather than behind another command.
+      const auto& problems = registry_.problems();
+      for (size_t i = 0; i < problems.size() && i < 3; ++i)
+        hint += fmt::format("; {} could not be used: {}", problems[i].file.string(), problems[i].reason);
+      if (problems.size() > 3) hint += fmt::format("; {} more unusable plugin files", problems.size() - 3);
+      for (const auto& folder : registry_.missing_folders())
+        hint += fmt::format("; {}: {}", folder.reason, folder.file.string());
       if (defaulted)
         error("device", fmt::format("no kernel plugin '{}' for device \"{}\"", type, type), std::move(hint));
       else

@@ -11,6 +11,7 @@
 #include "moelab/moe_layer.hpp"
 #include "moelab/optimizer.hpp"
 #include "moelab/registry.hpp"
+#include "moelab/sha256.hpp"
 #include "run_files.hpp"
 
 namespace moelab {
@@ -143,6 +144,28 @@ void write_text(const std::filesystem::path& file, const std::string& text) {
   if (!out) throw RuntimeError(fmt::format("cannot write {}", file.string()));
 }
 
+void write_plugin_provenance(const std::filesystem::path& run_dir, const RunConfig& config,
+                             const PluginRegistry& registry) {
+  boost::json::array plugins;
+  auto add = [&](PluginKind kind, const PluginChoice& choice) {
+    const PluginInfo& info = registry.require(kind, choice.type);
+    plugins.emplace_back(boost::json::object{{"key", choice.key.empty() ? "kernel" : choice.key},
+                                             {"kind", plugin_kind_name(kind)},
+                                             {"name", info.name},
+                                             {"version", info.version},
+                                             {"abi", fmt::format("{}.{}", info.abi_major, info.abi_minor)},
+                                             {"file", info.file.string()},
+                                             {"size", info.file_size},
+                                             {"sha256", file_sha256(info.file)}});
+  };
+  add(PluginKind::kernel, config.kernel);
+  add(PluginKind::router, config.moe.router);
+  add(PluginKind::experts, config.moe.experts);
+  for (const PluginChoice& balancer : config.moe.balancers) add(PluginKind::balancer, balancer);
+  write_text(run_dir / "plugins.json",
+             boost::json::serialize(boost::json::object{{"plugins", std::move(plugins)}}) + "\n");
+}
+
 RunResult run_experiment(const RunConfig& config, const std::string& resolved_recipe, const PluginRegistry& registry,
                          const std::filesystem::path& run_dir,
                          const std::function<void(const ProgressUpdate&)>& progress, const RunOptions& options) {
@@ -153,6 +176,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
         "--resume and --stop-at need a language-model run (model.vocab_size > 0); the layer-only "
         "regression task trains in seconds and keeps no checkpoint");
   write_text(run_dir / "recipe.toml", resolved_recipe);
+  write_plugin_provenance(run_dir, config, registry);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
   Rng root(config.seed);
   MoeLayer layer(config.moe, config.layer, registry, *ops, root);

@@ -257,6 +257,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     truncate_metrics(metrics_file, first_step - 1);
   } else {
     write_text(run_dir / "recipe.toml", resolved_recipe);
+    write_plugin_provenance(run_dir, config, registry);
     write_text(metrics_file, "");
   }
   std::ofstream metrics(metrics_file, std::ios::binary | std::ios::app);

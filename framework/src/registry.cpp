@@ -1,22 +1,26 @@
 // Finding, checking and loading plugins (see registry.hpp and plugin.hpp).
 //
-// A file goes through these gates, in order, and the first that fails becomes its PluginProblem:
-//   1. it is an ELF shared object (read from its header, nothing of it is run);
-//   2. its symbol table exports `moelab_plugin` (still nothing run);
-//   3. dlopen succeeds (the dynamic loader's own reason otherwise: a missing dependency, an
+// At scan, a file goes through these gates, reading its bytes only (nothing of it runs):
+//   1. it is an ELF shared object of this machine's class, byte order and architecture;
+//   2. it carries a stamp (section .moelab_plugin) of a known kind and a name;
+//   3. the stamp's abi_major/abi_minor match ours;
+//   4. its symbol table exports `moelab_plugin`;
+//   5. no other file of the search path stamps the same kind and name (both are then refused).
+// When a plugin is first looked up, its library is opened:
+//   6. dlopen succeeds (the dynamic loader's own reason otherwise: a missing dependency, an
 //      unresolved symbol);
-//   4. the manifest's abi_major/abi_minor match ours: read before anything else in it is called;
-//   5. the manifest is complete and its schema() can be built;
-//   6. no plugin of the same kind and name was loaded before.
+//   7. the manifest agrees with the stamp, is complete, and its schema() can be built.
 #include "moelab/registry.hpp"
 
 #include <dlfcn.h>
+#include <elf.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <boost/dll/library_info.hpp>
 #include <boost/dll/shared_library.hpp>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <string_view>
@@ -74,21 +78,15 @@ std::string loader_reason(const std::string& what) {
   return reason;
 }
 
-// Gates 1 and 2: what the file is, judged from its bytes alone. Empty string when it may be loaded.
-std::string inspect_without_loading(const fs::path& file) {
-  std::error_code ec;
-  const auto size = fs::file_size(file, ec);
-  if (ec) return fmt::format("cannot read the file: {}", ec.message());
-  if (size == 0) return "not a shared library: the file is empty";
-  {
-    std::ifstream in(file, std::ios::binary);
-    char magic[4] = {};
-    if (!in.read(magic, sizeof magic) || std::string_view(magic, 4) != std::string_view("\x7f"
-                                                                                        "ELF",
-                                                                                        4))
-      return "not a shared library: the file does not start with an ELF header "
-             "(a text file, or a copy that went wrong?)";
-  }
+// A fixed-size string field of the stamp, up to its NUL; nothing when it has none.
+std::optional<std::string> stamp_string(const char* field, size_t size) {
+  const void* end = std::memchr(field, '\0', size);
+  if (end == nullptr) return std::nullopt;
+  return std::string(field, static_cast<const char*>(end));
+}
+
+// Gate 4: the entry point is exported (read from the symbol table, nothing run).
+std::string check_entry_symbol(const fs::path& file) {
   try {
     boost::dll::library_info info(boost::dll::fs::path(file.string()));
     const std::vector<std::string> symbols = info.symbols();
@@ -104,7 +102,7 @@ std::string inspect_without_loading(const fs::path& file) {
   return {};
 }
 
-// Gate 5: everything the engine relies on later is present.
+// Gate 7: everything the engine relies on later is present.
 std::string check_manifest(const PluginManifest& m) {
   if (!valid_kind(m.kind)) return fmt::format("its manifest has an unknown kind ({})", static_cast<uint32_t>(m.kind));
   if (m.name == nullptr || *m.name == '\0') return "its manifest has no name";
@@ -133,6 +131,89 @@ std::shared_ptr<T> holding_library(std::unique_ptr<T> object, const PluginInfo& 
 void libmoelab_anchor() {}
 
 }  // namespace
+
+StampResult read_plugin_stamp(const fs::path& file) {
+  StampResult out;
+  auto fail = [&](std::string why) {
+    out.problem = std::move(why);
+    return out;
+  };
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(file, ec);
+  if (ec) return fail(fmt::format("cannot read the file: {}", ec.message()));
+  if (size == 0) return fail("not a shared library: the file is empty");
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return fail("cannot read the file: it cannot be opened");
+  auto read_at = [&](uint64_t offset, void* into, uint64_t bytes) {
+    if (offset > size || bytes > size - offset) return false;
+    in.seekg(static_cast<std::streamoff>(offset));
+    return static_cast<bool>(in.read(static_cast<char*>(into), static_cast<std::streamsize>(bytes)));
+  };
+  Elf64_Ehdr header{};
+  if (!read_at(0, header.e_ident, EI_NIDENT) || std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0)
+    return fail(
+        "not a shared library: the file does not start with an ELF header (a text file, or a copy that went "
+        "wrong?)");
+  if (header.e_ident[EI_CLASS] != ELFCLASS64 || header.e_ident[EI_DATA] != ELFDATA2LSB)
+    return fail("not a shared library for this machine: it is not a 64-bit little-endian ELF file");
+  if (!read_at(0, &header, sizeof header)) return fail("not a usable shared library: its ELF header is cut short");
+#if defined(__x86_64__)
+  constexpr uint16_t kMachine = EM_X86_64;
+#elif defined(__aarch64__)
+  constexpr uint16_t kMachine = EM_AARCH64;
+#else
+  constexpr uint16_t kMachine = 0;
+#endif
+  if (kMachine != 0 && header.e_machine != kMachine)
+    return fail(fmt::format("built for another processor (ELF machine {}, this one is {}): rebuild it here",
+                            header.e_machine, kMachine));
+  if (header.e_type != ET_DYN) return fail("not a shared library: the ELF file is not a shared object");
+  if (header.e_shentsize != sizeof(Elf64_Shdr) || header.e_shnum == 0 || header.e_shstrndx >= header.e_shnum ||
+      header.e_shnum > 65280)
+    return fail("not a usable shared library: its section table is missing or malformed");
+  std::vector<Elf64_Shdr> sections(header.e_shnum);
+  if (!read_at(header.e_shoff, sections.data(), sizeof(Elf64_Shdr) * sections.size()))
+    return fail("not a usable shared library: its section table lies outside the file");
+  const Elf64_Shdr& names = sections[header.e_shstrndx];
+  if (names.sh_size > (1u << 24)) return fail("not a usable shared library: its section names are malformed");
+  std::string name_table(names.sh_size, '\0');
+  if (!read_at(names.sh_offset, name_table.data(), names.sh_size))
+    return fail("not a usable shared library: its section names lie outside the file");
+  const std::string wanted = kStampSection;
+  const Elf64_Shdr* found = nullptr;
+  for (const Elf64_Shdr& section : sections) {
+    if (section.sh_name >= name_table.size()) continue;
+    if (std::strncmp(name_table.data() + section.sh_name, wanted.c_str(), name_table.size() - section.sh_name) == 0 &&
+        name_table.size() - section.sh_name > wanted.size()) {
+      found = &section;
+      break;
+    }
+  }
+  const std::string rebuild =
+      "rebuild it against this moelab's SDK (its registration macro, MOELAB_ROUTER_PLUGIN and the like, writes "
+      "the stamp)";
+  if (found == nullptr)
+    return fail(
+        fmt::format("carries no moelab stamp (ELF section {}): it was built against an SDK older than "
+                    "plugin ABI 3, or without a registration macro; {}",
+                    kStampSection, rebuild));
+  if (found->sh_size < sizeof(PluginStamp) || found->sh_type == SHT_NOBITS)
+    return fail(fmt::format("its stamp (section {}) is {} bytes, not the {} of a stamp; {}", kStampSection,
+                            found->sh_size, sizeof(PluginStamp), rebuild));
+  if (found->sh_size != sizeof(PluginStamp))
+    return fail(fmt::format("its section {} holds {} bytes: one plugin per library, and one stamp of {} bytes",
+                            kStampSection, found->sh_size, sizeof(PluginStamp)));
+  PluginStamp stamp{};
+  if (!read_at(found->sh_offset, &stamp, sizeof stamp))
+    return fail(fmt::format("its stamp (section {}) lies outside the file", kStampSection));
+  if (std::memcmp(stamp.magic, kStampMagic, sizeof kStampMagic) != 0 || stamp.stamp_version != 1)
+    return fail(fmt::format("its section {} is not a moelab stamp this version reads; {}", kStampSection, rebuild));
+  if (!stamp_string(stamp.name, sizeof stamp.name) || !stamp_string(stamp.version, sizeof stamp.version) ||
+      !stamp_string(stamp.description, sizeof stamp.description) || stamp.name[0] == '\0')
+    return fail(fmt::format("its stamp has a name, version or description without an end; {}", rebuild));
+  out.stamp = stamp;
+  return out;
+}
 
 std::vector<fs::path> PluginRegistry::default_search_path() {
   std::vector<fs::path> folders;
@@ -172,7 +253,7 @@ void PluginRegistry::scan(const std::vector<fs::path>& folders) {
     searched_.push_back(key);
 
     if (!fs::is_directory(key, ec)) {
-      problems_.push_back(
+      missing_folders_.push_back(
           {folder, fs::exists(key, ec) ? "plugin search path entry is not a folder" : "plugin folder does not exist"});
       continue;
     }
@@ -182,7 +263,7 @@ void PluginRegistry::scan(const std::vector<fs::path>& folders) {
       if (it->path().extension() == ".so" && it->is_regular_file(type_ec)) files.push_back(it->path());
     }
     if (ec) {
-      problems_.push_back({folder, fmt::format("cannot list the plugin folder: {}", ec.message())});
+      missing_folders_.push_back({folder, fmt::format("cannot list the plugin folder: {}", ec.message())});
       continue;
     }
     std::sort(files.begin(), files.end());  // the same order on every machine: duplicates resolve alike
@@ -194,22 +275,70 @@ bool PluginRegistry::load_file(const fs::path& given) {
   std::error_code ec;
   fs::path file = fs::weakly_canonical(fs::absolute(given, ec), ec);
   if (ec) file = given;
-  for (const PluginInfo& loaded : plugins_)
-    if (loaded.file == file) return true;  // the same file reached twice is one plugin, not a duplicate
+  for (const PluginInfo& known : plugins_)
+    if (known.file == file) return true;  // the same file reached twice is one plugin, not a duplicate
 
   auto refuse = [&](std::string reason) {
     problems_.push_back({file, std::move(reason)});
     return false;
   };
+  // Gates 1-3: the stamp, read from the file.
+  StampResult read = read_plugin_stamp(file);
+  if (!read.stamp) return refuse(std::move(read.problem));
+  const PluginStamp& stamp = *read.stamp;
+  if (!valid_kind(static_cast<PluginKind>(stamp.kind)))
+    return refuse(fmt::format("its stamp has an unknown kind ({})", stamp.kind));
+  if (stamp.abi_major != kAbiMajor)
+    return refuse(
+        fmt::format("{} was built for plugin ABI {}.{}; this moelab speaks ABI {}.{}: rebuild it "
+                    "against this SDK",
+                    file.string(), stamp.abi_major, stamp.abi_minor, kAbiMajor, kAbiMinor));
+  if (stamp.abi_minor > kAbiMinor)
+    return refuse(
+        fmt::format("{} was built for plugin ABI {}.{}, newer than this moelab's ABI {}.{}: "
+                    "upgrade moelab, or rebuild the plugin against this SDK",
+                    file.string(), stamp.abi_major, stamp.abi_minor, kAbiMajor, kAbiMinor));
+  // Gate 4.
+  if (std::string reason = check_entry_symbol(file); !reason.empty()) return refuse(std::move(reason));
 
-  if (std::string reason = inspect_without_loading(file); !reason.empty()) return refuse(std::move(reason));
+  PluginInfo info;
+  info.kind = static_cast<PluginKind>(stamp.kind);
+  info.name = stamp.name;
+  info.version = stamp.version;
+  info.description = stamp.description;
+  info.abi_major = stamp.abi_major;
+  info.abi_minor = stamp.abi_minor;
+  info.file = file;
+  info.file_size = fs::file_size(file, ec);
 
+  // Gate 5: a second file of the same kind and name makes the name unusable, in every command.
+  for (const PluginInfo& first : plugins_)
+    if (first.kind == info.kind && first.name == info.name) {
+      problems_.push_back({file,
+                           fmt::format("duplicate {} '{}': defined by both {} and {}; neither is used until one "
+                                       "is removed from the search path",
+                                       plugin_kind_name(info.kind), info.name, first.file.string(), file.string()),
+                           /*duplicate=*/true});
+      return false;
+    }
+  plugins_.push_back(std::move(info));
+  return true;
+}
+
+bool PluginRegistry::open(PluginInfo& info) const {
+  if (info.loaded) return true;
+  if (info.refused) return false;
+  auto refuse = [&](std::string reason) {
+    problems_.push_back({info.file, std::move(reason)});
+    info.refused = true;  // kept in place: the addresses of the others stay valid
+    return false;
+  };
   std::shared_ptr<boost::dll::shared_library> library;
   const PluginManifest* manifest = nullptr;
   try {
     // rtld_now: an unresolved symbol is reported here, with its name, not as a crash mid-training.
     library = std::make_shared<boost::dll::shared_library>(
-        boost::dll::fs::path(file.string()), boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
+        boost::dll::fs::path(info.file.string()), boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
     keep_loaded_forever(library);
     PluginEntry& entry = library->get_alias<PluginEntry>(kEntryName);
     manifest = entry();
@@ -219,93 +348,91 @@ bool PluginRegistry::load_file(const fs::path& given) {
     return refuse("cannot be loaded: its entry point threw something that is not a std::exception");
   }
   if (manifest == nullptr) return refuse(fmt::format("its '{}' entry point returned no manifest", kEntryName));
-
-  // Gate 4, before anything else in the manifest is trusted or called: only the two leading fields
-  // are laid out alike in every ABI version.
-  const uint32_t abi_major = manifest->abi_major;
-  const uint32_t abi_minor = manifest->abi_minor;
-  if (abi_major != kAbiMajor)
-    return refuse(
-        fmt::format("{} was built for plugin ABI {}.{}; this moelab speaks ABI {}.{}: rebuild it "
-                    "against this SDK",
-                    file.string(), abi_major, abi_minor, kAbiMajor, kAbiMinor));
-  if (abi_minor > kAbiMinor)
-    return refuse(
-        fmt::format("{} was built for plugin ABI {}.{}, newer than this moelab's ABI {}.{}: "
-                    "upgrade moelab, or rebuild the plugin against this SDK",
-                    file.string(), abi_major, abi_minor, kAbiMajor, kAbiMinor));
-
+  // Gate 7: the manifest says what the stamp said (only its two leading fields are laid out alike
+  // in every ABI version, so they are compared first).
+  if (manifest->abi_major != info.abi_major || manifest->abi_minor != info.abi_minor)
+    return refuse(fmt::format("its manifest says plugin ABI {}.{} but its stamp {}.{}: rebuild it against this SDK",
+                              manifest->abi_major, manifest->abi_minor, info.abi_major, info.abi_minor));
   if (std::string reason = check_manifest(*manifest); !reason.empty()) return refuse(std::move(reason));
-
-  PluginInfo info;
-  info.kind = manifest->kind;
-  info.name = manifest->name;
-  info.version = manifest->version ? manifest->version : "";
-  info.description = manifest->description ? manifest->description : "";
-  info.abi_major = abi_major;
-  info.abi_minor = abi_minor;
-  info.file = file;
-  info.manifest = manifest;
-  info.library = library;
+  if (manifest->kind != info.kind || info.name != manifest->name)
+    return refuse(fmt::format("its manifest registers {} '{}' but its stamp {} '{}': rebuild it against this SDK",
+                              plugin_kind_name(manifest->kind), manifest->name, plugin_kind_name(info.kind),
+                              info.name));
+  ParamSchema schema;
   try {
-    info.schema = manifest->schema();
+    schema = manifest->schema();
   } catch (const std::exception& e) {
     return refuse(fmt::format("{} '{}': its schema() threw: {}", plugin_kind_name(info.kind), info.name, e.what()));
   } catch (...) {
     return refuse(fmt::format("{} '{}': its schema() threw something that is not a std::exception",
                               plugin_kind_name(info.kind), info.name));
   }
-
-  if (const PluginInfo* first = find(info.kind, info.name)) {
-    problems_.push_back({file,
-                         fmt::format("duplicate {} '{}': defined by both {} and {}; keeping the first "
-                                     "(found first in the search path), ignoring the second",
-                                     plugin_kind_name(info.kind), info.name, first->file.string(), file.string()),
-                         /*duplicate=*/true});
-    return false;
-  }
-  plugins_.push_back(std::move(info));
+  info.schema = std::move(schema);
+  info.manifest = manifest;
+  info.library = library;
+  if (manifest->version) info.version = manifest->version;
+  if (manifest->description) info.description = manifest->description;
+  info.loaded = true;
   return true;
 }
 
+std::string PluginRegistry::duplicate(PluginKind kind, const std::string& name) const {
+  for (const PluginProblem& p : problems_)
+    if (p.duplicate && p.reason.rfind(fmt::format("duplicate {} '{}':", plugin_kind_name(kind), name), 0) == 0)
+      return p.reason;
+  return {};
+}
+
 const PluginInfo* PluginRegistry::find(PluginKind kind, const std::string& name) const {
-  for (const PluginInfo& p : plugins_)
-    if (p.kind == kind && p.name == name) return &p;
+  if (!duplicate(kind, name).empty()) return nullptr;
+  for (PluginInfo& p : plugins_)
+    if (!p.refused && p.kind == kind && p.name == name) return open(p) ? &p : nullptr;
   return nullptr;
 }
 
 const PluginInfo* PluginRegistry::find_any(const std::string& name) const {
-  for (const PluginInfo* p : all())
-    if (p->name == name) return p;
+  for (const PluginInfo& p : plugins_)
+    if (!p.refused && p.name == name) return &p;
   return nullptr;
 }
 
-std::vector<const PluginInfo*> PluginRegistry::list(PluginKind kind) const {
+namespace {
+std::vector<const PluginInfo*> sorted(const std::deque<PluginInfo>& plugins, std::optional<PluginKind> kind) {
   std::vector<const PluginInfo*> out;
-  for (const PluginInfo& p : plugins_)
-    if (p.kind == kind) out.push_back(&p);
-  std::sort(out.begin(), out.end(), [](const PluginInfo* a, const PluginInfo* b) { return a->name < b->name; });
-  return out;
-}
-
-std::vector<const PluginInfo*> PluginRegistry::all() const {
-  std::vector<const PluginInfo*> out;
-  for (const PluginInfo& p : plugins_) out.push_back(&p);
+  for (const PluginInfo& p : plugins)
+    if (!p.refused && (!kind || p.kind == *kind)) out.push_back(&p);
   std::sort(out.begin(), out.end(), [](const PluginInfo* a, const PluginInfo* b) {
     if (a->kind != b->kind) return static_cast<uint32_t>(a->kind) < static_cast<uint32_t>(b->kind);
     return a->name < b->name;
   });
   return out;
 }
+}  // namespace
+
+std::vector<const PluginInfo*> PluginRegistry::list(PluginKind kind) const {
+  std::vector<const PluginInfo*> out;
+  for (const PluginInfo* p : sorted(plugins_, kind))
+    if (duplicate(p->kind, p->name).empty() && open(const_cast<PluginInfo&>(*p))) out.push_back(p);
+  return out;
+}
+
+std::vector<const PluginInfo*> PluginRegistry::all() const {
+  std::vector<const PluginInfo*> out;
+  for (PluginKind kind : {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel})
+    for (const PluginInfo* p : list(kind)) out.push_back(p);
+  return out;
+}
 
 std::vector<std::string> PluginRegistry::names(PluginKind kind) const {
   std::vector<std::string> out;
-  for (const PluginInfo* p : list(kind)) out.push_back(p->name);
+  for (const PluginInfo* p : sorted(plugins_, kind))
+    if (duplicate(p->kind, p->name).empty()) out.push_back(p->name);
   return out;
 }
 
 const PluginInfo& PluginRegistry::require(PluginKind kind, const std::string& name) const {
   if (const PluginInfo* p = find(kind, name)) return *p;
+  if (std::string twice = duplicate(kind, name); !twice.empty()) throw UsageError(twice);
   const std::vector<std::string> known = names(kind);
   std::string message = fmt::format("unknown {} '{}'", plugin_kind_name(kind), name);
   if (known.empty()) {

@@ -22,5 +22,9 @@ std::string drop_rows(const MoeConfig& moe, const RunResult& result);
 std::string bar(double fraction, int width);
 // Writes `text` to `file`, replacing it; RuntimeError when it cannot.
 void write_text(const std::filesystem::path& file, const std::string& text);
+// plugins.json: which file served each plugin of the recipe (its key, kind, name, version, ABI,
+// path, size and SHA-256), so a run can be traced to the exact code that made it.
+void write_plugin_provenance(const std::filesystem::path& run_dir, const RunConfig& config,
+                             const PluginRegistry& registry);
 
 }  // namespace moelab

@@ -1,15 +1,21 @@
 // The plugin loader: the build's own plugins, the search path, and every way a file can fail to be
 // a usable plugin (the fixtures in tests/fixtures), each with the message a user would read.
+#include <dlfcn.h>
 #include <doctest/doctest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "moelab/registry.hpp"
+#include "moelab/sha256.hpp"
 #include "test_support.hpp"
 
 namespace fs = std::filesystem;
@@ -127,18 +133,23 @@ TEST_CASE("the default search path: libmoelab's own folder, then MOELAB_PLUGIN_P
     CHECK(registry.find(PluginKind::kernel, "cpu") != nullptr);
   }
   {
-    // A folder named twice is searched once; a folder that does not exist is reported.
+    // A folder named twice is searched once; a folder that does not exist is reported as a
+    // folder, not as a plugin file.
     PluginPathOverride env(std::string(MOELAB_FIXTURE_GOOD_DIR) + ":" + MOELAB_FIXTURE_GOOD_DIR +
                            ":/no/such/moelab/folder");
     const PluginRegistry registry = PluginRegistry::with_default_path();
     CHECK(registry.searched().size() == 3);
-    REQUIRE(registry.problems().size() == 1);
-    CHECK(registry.problems()[0].file == fs::path("/no/such/moelab/folder"));
-    CHECK(registry.problems()[0].reason == "plugin folder does not exist");
+    CHECK(registry.problems().empty());
+    REQUIRE(registry.missing_folders().size() == 1);
+    CHECK(registry.missing_folders()[0].file == fs::path("/no/such/moelab/folder"));
+    CHECK(registry.missing_folders()[0].reason == "plugin folder does not exist");
   }
 }
 
-TEST_CASE("a plugin built for another ABI is refused before anything in it runs") {
+TEST_CASE("a plugin built for another ABI is refused by its stamp, before its library is opened") {
+  const fs::path marker = fs::temp_directory_path() / ("moelab_abi_marker_" + std::to_string(::getpid()));
+  fs::remove(marker);
+  ::setenv("MOELAB_FIXTURE_MARKER", marker.c_str(), 1);
   PluginRegistry registry;
   registry.scan({MOELAB_FIXTURE_ABI_DIR});
   CHECK(registry.all().empty());
@@ -147,7 +158,6 @@ TEST_CASE("a plugin built for another ABI is refused before anything in it runs"
   const auto major = problem_for(registry, "libmoelab_router_abi_major99.so");
   REQUIRE(major);
   const std::string file = (canonical_path(MOELAB_FIXTURE_ABI_DIR) / "libmoelab_router_abi_major99.so").string();
-  // The fixture's schema() throws, so this message proves the check ran before it.
   CHECK(major->reason == file + " was built for plugin ABI 99.0; this moelab speaks ABI " + std::to_string(kAbiMajor) +
                              "." + std::to_string(kAbiMinor) + ": rebuild it against this SDK");
   CHECK_FALSE(major->duplicate);
@@ -158,9 +168,77 @@ TEST_CASE("a plugin built for another ABI is refused before anything in it runs"
   const std::string ours = std::to_string(kAbiMajor) + "." + std::to_string(kAbiMinor);
   CHECK(contains(minor->reason, "libmoelab_router_abi_newer_minor.so"));
   CHECK(contains(minor->reason, "plugin ABI " + newer + ", newer than this moelab's ABI " + ours));
+
+  // Not one line of the refused libraries ran: their static initialiser and constructor function
+  // write the marker when they do (the no-stamp fixture proves the marker works: see below).
+  CHECK_FALSE(fs::exists(marker));
+  // Nor is a refused library mapped into the process.
+  CHECK(dlopen(file.c_str(), RTLD_NOLOAD | RTLD_LAZY) == nullptr);
+  ::unsetenv("MOELAB_FIXTURE_MARKER");
 }
 
-TEST_CASE("two plugins of one kind and name: the first stays, the error names both files") {
+TEST_CASE("a library without a stamp is refused before it is opened, with how to rebuild it") {
+  const fs::path marker = fs::temp_directory_path() / ("moelab_stamp_marker_" + std::to_string(::getpid()));
+  fs::remove(marker);
+  ::setenv("MOELAB_FIXTURE_MARKER", marker.c_str(), 1);
+  PluginRegistry registry;
+  const fs::path file = fs::path(MOELAB_FIXTURE_BROKEN_DIR) / "libmoelab_router_no_stamp.so";
+  CHECK_FALSE(registry.load_file(file));
+  REQUIRE(registry.problems().size() == 1);
+  CHECK(contains(registry.problems()[0].reason, "carries no moelab stamp (ELF section .moelab_plugin)"));
+  CHECK(contains(registry.problems()[0].reason, "rebuild it against this moelab's SDK"));
+  CHECK_FALSE(fs::exists(marker));
+  // The marker works: opening the library by hand runs its initialisers.
+  void* handle = dlopen(canonical_path(file).c_str(), RTLD_NOW | RTLD_LOCAL);
+  REQUIRE(handle != nullptr);
+  CHECK(fs::exists(marker));
+  fs::remove(marker);
+  ::unsetenv("MOELAB_FIXTURE_MARKER");
+}
+
+TEST_CASE("SHA-256: the FIPS 180-4 test vectors, in one piece and in uneven pieces") {
+  CHECK(sha256_hex("", 0) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(sha256_hex("abc", 3) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  const std::string two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  CHECK(sha256_hex(two_blocks.data(), two_blocks.size()) ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  const std::string million(1000000, 'a');
+  Sha256 pieces;
+  for (size_t at = 0, step = 1; at < million.size(); at += step, step = step % 97 + 1)
+    pieces.update(million.data() + at, std::min(step, million.size() - at));
+  CHECK(pieces.hex() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST_CASE("the stamp reader refuses malformed files without reading past them") {
+  const fs::path dir = fs::temp_directory_path() / ("moelab_stamp_files_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path good = canonical_path(MOELAB_FIXTURE_GOOD_DIR) / "libmoelab_router_fixture_top1.so";
+  std::string bytes;
+  {
+    std::ifstream in(good, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const StampResult ok = read_plugin_stamp(good);
+  REQUIRE(ok.stamp);
+  CHECK(std::string(ok.stamp->name) == "fixture_top1");
+  CHECK(ok.stamp->abi_major == kAbiMajor);
+  // Every truncation and a flipped byte in the section table: a reason, never a crash.
+  for (size_t cut : {size_t{4}, size_t{20}, size_t{63}, size_t{64}, bytes.size() / 2, bytes.size() - 1}) {
+    const fs::path file = dir / "cut.so";
+    { std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(cut)); }
+    CAPTURE(cut);
+    CHECK_FALSE(read_plugin_stamp(file).problem.empty());
+  }
+  std::string flipped = bytes;
+  flipped[0x3c] = static_cast<char>(0xff);  // e_shnum
+  flipped[0x3d] = static_cast<char>(0xff);
+  const fs::path file = dir / "flipped.so";
+  { std::ofstream(file, std::ios::binary).write(flipped.data(), static_cast<std::streamsize>(flipped.size())); }
+  CHECK(contains(read_plugin_stamp(file).problem, "section table"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("two plugins of one kind and name: neither is used, in every lookup, and the error names both files") {
   const std::string good = (canonical_path(MOELAB_FIXTURE_GOOD_DIR) / "libmoelab_router_fixture_top1.so").string();
   const std::string again =
       (canonical_path(MOELAB_FIXTURE_DUPLICATE_DIR) / "libmoelab_router_fixture_top1_again.so").string();
@@ -171,17 +249,19 @@ TEST_CASE("two plugins of one kind and name: the first stays, the error names bo
   const PluginProblem& problem = registry.problems()[0];
   CHECK(problem.duplicate);
   CHECK(problem.file.string() == again);
-  CHECK(problem.reason == "duplicate router 'fixture_top1': defined by both " + good + " and " + again +
-                              "; keeping the first (found first in the search path), ignoring the second");
-  REQUIRE(registry.find(PluginKind::router, "fixture_top1") != nullptr);
-  CHECK(registry.find(PluginKind::router, "fixture_top1")->file.string() == good);
-
-  // The search order decides which one stays.
-  PluginRegistry reversed;
-  reversed.scan({MOELAB_FIXTURE_DUPLICATE_DIR, MOELAB_FIXTURE_GOOD_DIR});
-  REQUIRE(reversed.problems().size() == 1);
-  CHECK(reversed.problems()[0].file.string() == good);
-  CHECK(reversed.find(PluginKind::router, "fixture_top1")->file.string() == again);
+  const std::string expected = "duplicate router 'fixture_top1': defined by both " + good + " and " + again +
+                               "; neither is used until one is removed from the search path";
+  CHECK(problem.reason == expected);
+  CHECK(registry.find(PluginKind::router, "fixture_top1") == nullptr);
+  CHECK(registry.duplicate(PluginKind::router, "fixture_top1") == expected);
+  CHECK(registry.all().empty());
+  CHECK(registry.names(PluginKind::router).empty());
+  try {
+    registry.require(PluginKind::router, "fixture_top1");
+    FAIL("require() accepted a duplicated name");
+  } catch (const UsageError& e) {
+    CHECK(std::string(e.what()) == expected);
+  }
 
   // The same file reached twice is one plugin, not a duplicate.
   PluginRegistry twice;
@@ -194,8 +274,11 @@ TEST_CASE("two plugins of one kind and name: the first stays, the error names bo
 TEST_CASE("broken files are reported with the reason, and the plugins beside them still load") {
   PluginRegistry registry;
   registry.scan({MOELAB_FIXTURE_BROKEN_DIR});
-  INFO("problems:\n" << problems_text(registry));
+  // The stamps refuse three files at scan; the missing dependency shows when the library is opened.
   CHECK(registry.problems().size() == 3);
+  CHECK(registry.all().size() == 1);
+  INFO("problems:\n" << problems_text(registry));
+  CHECK(registry.problems().size() == 4);
 
   const auto corrupt = problem_for(registry, "libmoelab_router_corrupt.so");
   REQUIRE(corrupt);
@@ -218,7 +301,6 @@ TEST_CASE("broken files are reported with the reason, and the plugins beside the
 
   for (const PluginProblem& p : registry.problems()) CHECK_FALSE(p.duplicate);
   CHECK(registry.find(PluginKind::router, "survivor") != nullptr);
-  CHECK(registry.all().size() == 1);
 
   // load_file on its own says no, and records why.
   PluginRegistry single;
@@ -231,6 +313,10 @@ TEST_CASE("broken files are reported with the reason, and the plugins beside the
 TEST_CASE("an unknown name is a usage error listing the known names, with a suggestion") {
   PluginRegistry registry;
   registry.scan({MOELAB_FIXTURE_GOOD_DIR, MOELAB_FIXTURE_BROKEN_DIR});
+  // Before the libraries are opened, the names are the stamps'; missing_dep's library fails to
+  // open, and once all() has tried, it is no longer among the known names.
+  CHECK(registry.names(PluginKind::router) == std::vector<std::string>{"fixture_top1", "missing_dep", "survivor"});
+  (void)registry.all();
   try {
     registry.require(PluginKind::router, "fixture_topp1");
     FAIL("require() accepted an unknown name");
@@ -350,4 +436,78 @@ TEST_CASE("a fixture router made through the registry routes and differentiates 
 
   router.reset();
   CHECK(info.library.use_count() == library_holders);
+}
+
+TEST_CASE("CLI: no command runs a refused plugin's code; duplicates and missing folders are named in check") {
+  const fs::path dir = fs::temp_directory_path() / ("moelab_cli_plugins_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path marker = dir / "marker";
+  const std::string env = "MOELAB_FIXTURE_MARKER=" + marker.string() + " MOELAB_PLUGIN_PATH=";
+  const std::string recipe = std::string(MOELAB_SOURCE_DIR) + "/recipes/default.toml";
+  auto moelab = [&](const std::string& path, const std::string& arguments) {
+    const std::string command = "env " + env + path + " '" + (fs::path(MOELAB_BINARY_DIR) / "bin" / "moelab").string() +
+                                "' " + arguments + " 2>&1";
+    FILE* pipe = popen(command.c_str(), "r");
+    REQUIRE(pipe != nullptr);
+    std::string output;
+    char buffer[4096];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
+    const int status = pclose(pipe);
+    return std::pair<int, std::string>{WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+  };
+  const std::string abi = std::string(MOELAB_FIXTURE_ABI_DIR) + ":" + MOELAB_FIXTURE_BROKEN_DIR;
+  for (const std::string& command :
+       {std::string("plugins"), "check '" + recipe + "'",
+        "run '" + recipe + "' --set train.steps=2 --out '" + (dir / "run").string() + "'"}) {
+    const auto [status, output] = moelab(abi, command);
+    CAPTURE(command);
+    CAPTURE(output);
+    CHECK(status == 0);
+  }
+  CHECK_FALSE(fs::exists(marker));
+  // The run folder says which file served each plugin, with its SHA-256.
+  std::ifstream provenance(dir / "run" / "default" / "plugins.json");
+  const std::string plugins_json((std::istreambuf_iterator<char>(provenance)), {});
+  const fs::path cpu = canonical_path(kBuildPluginDir) / "libmoelab_kernel_cpu.so";
+  CHECK(contains(plugins_json, "\"file\":\"" + cpu.string() + "\""));
+  CHECK(contains(plugins_json, "\"sha256\":\"" + file_sha256(cpu) + "\""));
+  CHECK(contains(plugins_json, "\"key\":\"moe.router\",\"kind\":\"router\",\"name\":\"softmax_topk\""));
+
+  // A recipe naming a duplicated plugin is refused by check, naming both files.
+  const fs::path duplicated = dir / "duplicated.toml";
+  {
+    std::ofstream out(duplicated);
+    out << "extends = \"" << recipe << "\"\n[moe.router]\ntype = \"fixture_top1\"\n";
+  }
+  const auto [status, output] = moelab(std::string(MOELAB_FIXTURE_GOOD_DIR) + ":" + MOELAB_FIXTURE_DUPLICATE_DIR,
+                                       "check '" + duplicated.string() + "'");
+  CAPTURE(output);
+  CHECK(status == 2);
+  CHECK(contains(output,
+                 "duplicated.toml:3:8: error: moe.router.type: duplicate router 'fixture_top1': defined by both"));
+  CHECK(contains(output, "libmoelab_router_fixture_top1_again.so"));
+
+  // An unknown plugin's error says why files could not be used and which folders do not exist.
+  const fs::path unknown = dir / "unknown.toml";
+  {
+    std::ofstream out(unknown);
+    out << "extends = \"" << recipe << "\"\n[moe.router]\ntype = \"no_such_router\"\n";
+  }
+  const auto [status2, output2] = moelab(abi + ":/no/such/moelab/folder", "check '" + unknown.string() + "'");
+  CAPTURE(output2);
+  CHECK(status2 == 2);
+  CHECK(contains(output2, "libmoelab_router_abi_major99.so could not be used"));
+  CHECK(contains(output2, "plugin folder does not exist: /no/such/moelab/folder"));
+
+  // plugins --recipe sees a recipe's [plugins] paths.
+  const fs::path with_paths = dir / "with_paths.toml";
+  {
+    std::ofstream out(with_paths);
+    out << "extends = \"" << recipe << "\"\n[plugins]\npaths = [\"" << MOELAB_FIXTURE_GOOD_DIR << "\"]\n";
+  }
+  const auto [status3, output3] = moelab("", "plugins --recipe '" + with_paths.string() + "'");
+  CHECK(status3 == 0);
+  CHECK(contains(output3, "fixture_top1"));
+  fs::remove_all(dir);
 }

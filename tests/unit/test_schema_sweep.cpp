@@ -57,7 +57,8 @@ std::vector<BadValue> bad_values(const ParamSpec& spec) {
     const double below = spec.min_exclusive ? *spec.min : (integer ? *spec.min - 1 : *spec.min - 0.5);
     out.push_back({one(number_text(below, integer)), "below the minimum"});
   }
-  if (spec.max) out.push_back({one(number_text(integer ? *spec.max + 1 : *spec.max * 2 + 1, integer)), "above the maximum"});
+  if (spec.max)
+    out.push_back({one(number_text(integer ? *spec.max + 1 : *spec.max * 2 + 1, integer)), "above the maximum"});
   if (!spec.choices.empty()) {
     const std::string bogus = spec.type == ParamType::string_list ? "[\"no-such-choice\"]" : "\"no-such-choice\"";
     out.push_back({bogus, "not a choice"});
@@ -74,8 +75,7 @@ struct Case {
 
 // `section` is a core section key or a plugin table ("moe.router", "moe.balancers", "kernel");
 // `type` the plugin in it, when it is one.
-Case make_case(const std::string& section, const std::string& type, const std::string& name,
-               const std::string& value) {
+Case make_case(const std::string& section, const std::string& type, const std::string& name, const std::string& value) {
   std::map<std::string, std::vector<std::string>> tables = {{"moe.router", {"type = \"softmax_topk\""}},
                                                             {"moe.experts", {"type = \"glu\""}}};
   if (!type.empty() && section != "moe.balancers") tables[section] = {fmt::format("type = \"{}\"", type)};
@@ -187,8 +187,8 @@ TEST_CASE("every plugin key, with a wrong type or out of range, is refused at it
 TEST_CASE("moelab check: a [model] key with a wrong value exits 2 naming its file:line:column") {
   moelab::test::ScratchFolder dir("schema_sweep_cli");
   const auto recipe = dir / "bad_model.toml";
-  moelab::test::write_bytes(recipe, "extends = \"" MOELAB_SOURCE_DIR
-                                    "/recipes/default.toml\"\n[model]\nn_layers = -2\nn_heads = \"x\"\n");
+  moelab::test::write_bytes(
+      recipe, "extends = \"" MOELAB_SOURCE_DIR "/recipes/default.toml\"\n[model]\nn_layers = -2\nn_heads = \"x\"\n");
   const auto result = moelab::test::run_moelab("check " + moelab::test::quoted(recipe));
   INFO(result.output);
   CHECK(result.status == 2);

@@ -11,6 +11,8 @@
 
 #include "cli_util.hpp"
 #include "commands.hpp"
+#include "moelab/config.hpp"
+#include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
 
 namespace moelab::cli {
@@ -109,8 +111,10 @@ boost::json::object plugin_json(const PluginInfo& p) {
 }
 
 std::string registry_json(const PluginRegistry& registry, const std::vector<const PluginInfo*>& shown) {
-  boost::json::array search_path, plugins, problems;
+  boost::json::array search_path, plugins, problems, missing;
   for (const auto& folder : registry.searched()) search_path.emplace_back(boost::json::string(folder.string()));
+  for (const PluginProblem& folder : registry.missing_folders())
+    missing.emplace_back(boost::json::object{{"folder", folder.file.string()}, {"reason", folder.reason}});
   for (const PluginInfo* p : shown) plugins.emplace_back(plugin_json(*p));
   for (const PluginProblem& problem : registry.problems())
     problems.emplace_back(boost::json::object{
@@ -118,7 +122,8 @@ std::string registry_json(const PluginRegistry& registry, const std::vector<cons
   boost::json::object root{{"abi", fmt::format("{}.{}", kAbiMajor, kAbiMinor)},
                            {"search_path", std::move(search_path)},
                            {"plugins", std::move(plugins)},
-                           {"problems", std::move(problems)}};
+                           {"problems", std::move(problems)},
+                           {"missing_folders", std::move(missing)}};
   return boost::json::serialize(root);
 }
 
@@ -174,12 +179,14 @@ std::string describe_text(const PluginInfo& p) {
 
 int cmd_plugins(const Args& args) {
   const ArgSpec spec{
-      .usage = "moelab plugins [--describe NAME] [--json]",
+      .usage = "moelab plugins [--recipe RECIPE] [--describe NAME] [--json]",
       .description =
           "Lists every plugin in the search path (this installation's plugin folder, then each folder in\n"
-          "MOELAB_PLUGIN_PATH, ':'-separated): kind, name, version, file, description and parameters.\n"
-          "Files that could not be used are reported as warnings on stderr.",
-      .options = {{"--describe", "show the plugin named VALUE in full (every kind with that name)"}},
+          "MOELAB_PLUGIN_PATH, ':'-separated, then with --recipe the recipe's [plugins] paths): kind, name,\n"
+          "version, file, description and parameters. Files that could not be used, and folders that do\n"
+          "not exist, are reported as warnings on stderr.",
+      .options = {{"--describe", "show the plugin named VALUE in full (every kind with that name)"},
+                  {"--recipe", "also search the [plugins] paths of the recipe VALUE (its first run, for a sweep)"}},
       .flags = {{"--json", "print JSON: search_path, plugins (with params) and problems"}},
       .min_positional = 0,
       .max_positional = 0,
@@ -190,7 +197,19 @@ int cmd_plugins(const Args& args) {
     return kExitOk;
   }
 
-  const PluginRegistry registry = PluginRegistry::with_default_path();
+  PluginRegistry registry = PluginRegistry::with_default_path();
+  if (const auto recipe_file = parsed.option("--recipe")) {
+    // build_config scans the recipe's [plugins] paths before it checks anything else; what else is
+    // wrong with the recipe is `moelab check`'s to say, not this listing's.
+    auto points = Recipe::load(*recipe_file).expand_sweep();
+    try {
+      build_config(*points.front().recipe, registry);
+    } catch (const UsageError&) {
+    }
+  }
+  std::vector<const PluginInfo*> shown = registry.all();  // opens every library: their problems show now
+  for (const PluginProblem& folder : registry.missing_folders())
+    std::fprintf(stderr, "moelab: warning: %s: %s\n", folder.reason.c_str(), folder.file.string().c_str());
   for (const PluginProblem& problem : registry.problems()) {
     // Reasons that already name the file (ABI mismatches, duplicates) are not prefixed with it again.
     const std::string file = problem.file.string();
@@ -200,7 +219,6 @@ int cmd_plugins(const Args& args) {
       std::fprintf(stderr, "moelab: warning: %s: %s\n", file.c_str(), problem.reason.c_str());
   }
 
-  std::vector<const PluginInfo*> shown = registry.all();
   const auto describe = parsed.option("--describe");
   if (describe) {
     std::vector<const PluginInfo*> matches;

@@ -1,6 +1,10 @@
-// The plugin ABI. A plugin is a shared library exporting one entry point, `moelab_plugin` (a
-// Boost.DLL alias), that returns a PluginManifest. The engine reads abi_major/abi_minor first and
-// refuses a mismatch before calling anything else in the plugin. See CONTRIBUTING.md, "ABI policy".
+// The plugin ABI. A plugin is a shared library with two parts: a stamp (PluginStamp: constant data
+// in its ELF section ".moelab_plugin", giving its ABI version, kind, name, version and description)
+// and one entry point, `moelab_plugin` (a Boost.DLL alias), that returns a PluginManifest. The
+// engine reads the stamp from the file and refuses an ABI mismatch, a duplicate name or a missing
+// stamp before the library is opened, so none of a refused plugin's code (static initialisers
+// included) ever runs; it opens a library only when a plugin of it is used. See CONTRIBUTING.md,
+// "ABI policy".
 //
 // A plugin source file ends with one registration macro:
 //   MOELAB_ROUTER_PLUGIN(SoftmaxTopK, "softmax_topk", "1.0.0", "softmax over experts, then top-k")
@@ -28,7 +32,7 @@ namespace moelab {
 
 // Major: any change to the layout of PluginManifest or to a plugin interface's virtual functions.
 // Minor: additions that old plugins need not know about.
-inline constexpr uint32_t kAbiMajor = 2;  // 2: transformer ops slots in Ops
+inline constexpr uint32_t kAbiMajor = 3;  // 2: transformer ops slots in Ops; 3: the stamp, ParamSpec::min_exclusive
 inline constexpr uint32_t kAbiMinor = 0;
 
 enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4 };
@@ -40,6 +44,22 @@ struct ParamProblem {
   std::string message;  // "must be at most num_experts (8), got 10"
 };
 using ParamProblems = std::vector<ParamProblem>;
+
+// What the loader reads from the file before opening it: constant data, placed in the ELF section
+// kStampSection by the registration macros. Its layout is fixed for every ABI version (magic and
+// stamp_version first); fields are NUL-terminated strings within their arrays.
+inline constexpr const char* kStampSection = ".moelab_plugin";
+inline constexpr char kStampMagic[16] = "moelab-plugin";
+struct PluginStamp {
+  char magic[16];          // kStampMagic
+  uint32_t stamp_version;  // 1
+  uint32_t abi_major, abi_minor;
+  uint32_t kind;  // PluginKind
+  char name[64];  // at most 63 bytes: the registration macro refuses longer ones at compile time
+  char version[32];
+  char description[512];
+};
+static_assert(sizeof(PluginStamp) == 16 + 16 + 64 + 32 + 512, "PluginStamp has no padding");
 
 struct PluginManifest {
   // These two stay the first members in every ABI version: the loader reads them first.
@@ -124,7 +144,29 @@ PluginManifest manifest_for(PluginKind kind, const char* name, const char* versi
 }  // namespace detail
 }  // namespace moelab
 
+#ifdef MOELAB_TEST_ABI_MAJOR  // lets the loader tests build a plugin for another ABI
+#define MOELAB_STAMP_ABI_MAJOR_ MOELAB_TEST_ABI_MAJOR
+#else
+#define MOELAB_STAMP_ABI_MAJOR_ ::moelab::kAbiMajor
+#endif
+
+// The stamp alone (the registration macros write it; a fixture that registers by hand may too).
+// A name, version or description longer than its field is a compile-time error.
+#define MOELAB_PLUGIN_STAMP_(KIND, NAME, VERSION, DESCRIPTION, ABI_MINOR)                            \
+  namespace {                                                                                        \
+  [[gnu::used, gnu::section(".moelab_plugin")]] const ::moelab::PluginStamp moelab_plugin_stamp_ = { \
+      "moelab-plugin",                                                                               \
+      1,                                                                                             \
+      MOELAB_STAMP_ABI_MAJOR_,                                                                       \
+      ABI_MINOR,                                                                                     \
+      static_cast<uint32_t>(::moelab::PluginKind::KIND),                                             \
+      NAME,                                                                                          \
+      VERSION,                                                                                       \
+      DESCRIPTION};                                                                                  \
+  }
+
 #define MOELAB_DEFINE_PLUGIN_(KIND, CLASS, NAME, VERSION, DESCRIPTION)                                 \
+  MOELAB_PLUGIN_STAMP_(KIND, NAME, VERSION, DESCRIPTION, ::moelab::kAbiMinor)                          \
   namespace {                                                                                          \
   const ::moelab::PluginManifest* moelab_plugin_manifest_() {                                          \
     static const ::moelab::PluginManifest manifest =                                                   \

@@ -2,12 +2,19 @@
 // each folder in MOELAB_PLUGIN_PATH (':'-separated), then the recipe's [plugins] paths. A recipe
 // names plugins by name; nothing outside the search path is ever loaded.
 //
+// Scanning reads each file's stamp (plugin.hpp) and opens nothing: the ABI check, the names for
+// "did you mean" and duplicate detection need no plugin code. A library is opened the first time
+// one of its plugins is looked up with find(), list() or all() (which opens every one), so
+// `moelab check` opens only the plugins its recipe names, and a refused file is never opened.
+//
 // Loaded libraries stay loaded until the process exits, and every object a plugin creates also
 // holds its library, so no plugin code can be unmapped while it may still run.
 #pragma once
 
+#include <deque>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,13 +24,24 @@ namespace moelab {
 
 struct PluginInfo {
   PluginKind kind;
-  std::string name, version, description;
+  std::string name, version, description;  // from the stamp
   uint32_t abi_major = 0, abi_minor = 0;
   std::filesystem::path file;
+  uintmax_t file_size = 0;
+  // Set once the library is open (always, for what find(), list() and all() return).
+  bool loaded = false;
+  bool refused = false;  // its library failed to open (the reason is in problems()); never used
   ParamSchema schema;
   const PluginManifest* manifest = nullptr;
   std::shared_ptr<void> library;  // the loaded boost::dll::shared_library
 };
+
+// The stamp of a plugin file, read without opening it; the reason it cannot be read otherwise.
+struct StampResult {
+  std::optional<PluginStamp> stamp;
+  std::string problem;
+};
+StampResult read_plugin_stamp(const std::filesystem::path& file);
 
 // A file in the search path that could not be used, and why (the loader's own reason, an ABI
 // mismatch naming both versions, a duplicate name naming both files).
@@ -42,20 +60,28 @@ class PluginRegistry {
   // A registry that has scanned default_search_path().
   static PluginRegistry with_default_path();
 
-  // Loads every shared library (*.so) directly inside each folder, in order. A file that fails is
-  // recorded in problems() and the rest keep loading. Missing folders are recorded too.
+  // Registers every shared library (*.so) directly inside each folder, in order, by its stamp. A
+  // file that cannot be used is recorded in problems() and the rest go on. Missing folders are
+  // recorded in missing_folders(), not as plugin files.
   void scan(const std::vector<std::filesystem::path>& folders);
-  // Loads one file; returns false (and records a problem) when it cannot be used.
+  // Registers one file; returns false (and records a problem) when its stamp refuses it.
   bool load_file(const std::filesystem::path& file);
 
+  // Every file refused so far: by its stamp at scan, or when its library was opened.
   const std::vector<PluginProblem>& problems() const { return problems_; }
   const std::vector<std::filesystem::path>& searched() const { return searched_; }
+  // Folders of the search path that do not exist or are not folders, with the reason.
+  const std::vector<PluginProblem>& missing_folders() const { return missing_folders_; }
 
+  // The plugin of that kind and name, its library opened; nullptr when there is none, when its
+  // library fails to open (recorded in problems()) or when two files define it (see duplicate()).
   const PluginInfo* find(PluginKind kind, const std::string& name) const;
-  const PluginInfo* find_any(const std::string& name) const;   // any kind
-  std::vector<const PluginInfo*> list(PluginKind kind) const;  // sorted by name
-  std::vector<const PluginInfo*> all() const;                  // sorted by kind, then name
-  std::vector<std::string> names(PluginKind kind) const;
+  // "duplicate router 'x': defined by both A and B ..." when two files define it; "" otherwise.
+  std::string duplicate(PluginKind kind, const std::string& name) const;
+  const PluginInfo* find_any(const std::string& name) const;   // any kind, by its stamp: not opened
+  std::vector<const PluginInfo*> list(PluginKind kind) const;  // sorted by name; opens each
+  std::vector<const PluginInfo*> all() const;                  // sorted by kind, then name; opens each
+  std::vector<std::string> names(PluginKind kind) const;       // by the stamps: opens nothing
 
   // Factories. Throw UsageError ("unknown router 'x'; known routers: a, b") for a missing name.
   // Params must already be validated against the plugin's schema.
@@ -70,8 +96,13 @@ class PluginRegistry {
   const PluginInfo& require(PluginKind kind, const std::string& name) const;
 
  private:
-  std::vector<PluginInfo> plugins_;
-  std::vector<PluginProblem> problems_;
+  bool open(PluginInfo& info) const;  // opens its library once; false (recorded) when it fails
+
+  // Registered by stamp; opened lazily by the const lookups, hence mutable. A std::deque keeps
+  // the addresses handed out stable as plugins are added.
+  mutable std::deque<PluginInfo> plugins_;
+  mutable std::vector<PluginProblem> problems_;
+  std::vector<PluginProblem> missing_folders_;
   std::vector<std::filesystem::path> searched_;
 };
 
