@@ -329,3 +329,23 @@ TEST_CASE("a language model trains on text files and on token files; a malformed
   CHECK(!fs::exists(dir / "missing" / "lm"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("run: an --out that cannot hold folders and a run name too long for a folder are clear errors") {
+  const fs::path dir = fresh_dir("run-paths");
+  // A parent that is a file (the tests run as root, for whom a read-only folder is still writable).
+  std::ofstream(dir / "a-file") << "not a folder\n";
+  const CommandResult blocked = run_moelab("run " + quoted(tiny_recipe(dir)) + " --out " + quoted(dir / "a-file"));
+  CAPTURE(blocked.output);
+  CHECK(blocked.status == 1);
+  CHECK(blocked.output.find("cannot create the run folder") != std::string::npos);
+  CHECK(blocked.output.find("choose another parent with --out DIR") != std::string::npos);
+  CHECK(blocked.output.find("unexpected failure") == std::string::npos);
+
+  const CommandResult long_name = run_moelab("run " + quoted(tiny_recipe(dir)) +
+                                             " --set name=" + std::string(300, 'n') + " --out " + quoted(dir / "runs"));
+  CAPTURE(long_name.output);
+  CHECK(long_name.status == 2);
+  CHECK(long_name.output.find("is 300 bytes; a folder name is at most 255 bytes") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "runs"));
+  fs::remove_all(dir);
+}

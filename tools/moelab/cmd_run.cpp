@@ -146,6 +146,15 @@ int cmd_run(const Args& args) {
   }
   all.throw_if_any();
   for (const auto& run : runs) {
+    // A folder name the file system cannot hold is the recipe's mistake, said before anything runs.
+    for (const auto& part : run.dir)
+      if (part.string().size() > 255)
+        throw UsageError(
+            fmt::format("run folder name '{}...' is {} bytes; a folder name is at most 255 bytes: "
+                        "set a shorter name (the recipe's name key, or --set name=...)",
+                        part.string().substr(0, 40), part.string().size()));
+  }
+  for (const auto& run : runs) {
     if (resume || !fs::exists(run.dir) || fs::is_empty(run.dir) || parsed.flag("--overwrite")) continue;
     if (has_checkpoint(run.dir) && !fs::exists(run.dir / "summary.json"))
       throw UsageError(
@@ -173,9 +182,13 @@ int cmd_run(const Args& args) {
     const fs::path work_dir =
         language_model ? run.dir : run.dir.parent_path() / (run.dir.filename().string() + ".incomplete");
     if (!resume) {
-      fs::remove_all(work_dir);
-      if (language_model) fs::remove_all(run.dir);
-      fs::create_directories(work_dir);
+      std::error_code ec;
+      fs::remove_all(work_dir, ec);
+      if (language_model && !ec) fs::remove_all(run.dir, ec);
+      if (!ec) fs::create_directories(work_dir, ec);
+      if (ec)
+        throw RuntimeError(fmt::format("cannot create the run folder {}: {}; choose another parent with --out DIR",
+                                       work_dir.string(), ec.message()));
     }
     RunResult result;
     try {
