@@ -179,16 +179,14 @@ StampResult read_plugin_stamp(const fs::path& file) {
   std::string name_table(names.sh_size, '\0');
   if (!read_at(names.sh_offset, name_table.data(), names.sh_size))
     return fail("not a usable shared library: its section names lie outside the file");
-  const std::string wanted = kStampSection;
+  // A section's name: the NUL-terminated string at sh_name in the name table.
+  const std::string wanted = std::string(kStampSection) + '\0';
   const Elf64_Shdr* found = nullptr;
-  for (const Elf64_Shdr& section : sections) {
-    if (section.sh_name >= name_table.size()) continue;
-    if (std::strncmp(name_table.data() + section.sh_name, wanted.c_str(), name_table.size() - section.sh_name) == 0 &&
-        name_table.size() - section.sh_name > wanted.size()) {
+  for (const Elf64_Shdr& section : sections)
+    if (section.sh_name < name_table.size() && name_table.compare(section.sh_name, wanted.size(), wanted) == 0) {
       found = &section;
       break;
     }
-  }
   const std::string rebuild =
       "rebuild it against this moelab's SDK (its registration macro, MOELAB_ROUTER_PLUGIN and the like, writes "
       "the stamp)";
@@ -314,11 +312,11 @@ bool PluginRegistry::load_file(const fs::path& given) {
   // Gate 5: a second file of the same kind and name makes the name unusable, in every command.
   for (const PluginInfo& first : plugins_)
     if (first.kind == info.kind && first.name == info.name) {
-      problems_.push_back({file,
-                           fmt::format("duplicate {} '{}': defined by both {} and {}; neither is used until one "
-                                       "is removed from the search path",
-                                       plugin_kind_name(info.kind), info.name, first.file.string(), file.string()),
-                           /*duplicate=*/true});
+      std::string reason = fmt::format(
+          "duplicate {} '{}': defined by both {} and {}; neither is used until one is removed from the search path",
+          plugin_kind_name(info.kind), info.name, first.file.string(), file.string());
+      duplicates_.try_emplace({info.kind, info.name}, reason);
+      problems_.push_back({file, std::move(reason), /*duplicate=*/true});
       return false;
     }
   plugins_.push_back(std::move(info));
@@ -377,10 +375,8 @@ bool PluginRegistry::open(PluginInfo& info) const {
 }
 
 std::string PluginRegistry::duplicate(PluginKind kind, const std::string& name) const {
-  for (const PluginProblem& p : problems_)
-    if (p.duplicate && p.reason.rfind(fmt::format("duplicate {} '{}':", plugin_kind_name(kind), name), 0) == 0)
-      return p.reason;
-  return {};
+  const auto it = duplicates_.find({kind, name});
+  return it == duplicates_.end() ? std::string{} : it->second;
 }
 
 const PluginInfo* PluginRegistry::find(PluginKind kind, const std::string& name) const {

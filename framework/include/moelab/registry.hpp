@@ -13,6 +13,7 @@
 
 #include <deque>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -103,6 +104,7 @@ class PluginRegistry {
   mutable std::deque<PluginInfo> plugins_;
   mutable std::vector<PluginProblem> problems_;
   std::vector<PluginProblem> missing_folders_;
+  std::map<std::pair<PluginKind, std::string>, std::string> duplicates_;  // (kind, name) -> the first reason
   std::vector<std::filesystem::path> searched_;
 };
 
