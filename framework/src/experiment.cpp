@@ -253,8 +253,12 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
       metrics << json::serialize(m) << "\n";
     }
     if (progress) {
-      ProgressUpdate u{step, config.train.steps, loss, tokens_per_second,
-                       seconds / static_cast<double>(step) * static_cast<double>(config.train.steps - step)};
+      ProgressUpdate u{step,
+                       config.train.steps,
+                       loss,
+                       tokens_per_second,
+                       seconds / static_cast<double>(step) * static_cast<double>(config.train.steps - step),
+                       {}};
       progress(u);
     }
   }

@@ -190,6 +190,50 @@ int64_t load_checkpoint(const fs::path& run_dir, Transformer& model, AdamWOptimi
   return meta("step");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Divergence: a non-finite loss or gradient stops the run before the weights are touched, naming
+// the step and the first parameter whose gradient is not finite; a jump of the loss is a warning.
+
+// Runs one part of a step; a RuntimeError from inside it (a kernel refusing NaN scores, say)
+// is rethrown with the step and the part.
+template <class F>
+double guarded_step(int64_t step, const char* part, F&& body) {
+  try {
+    return body();
+  } catch (const RuntimeError& e) {
+    throw RuntimeError(fmt::format("step {}: {}: {}", step, part, e.what()));
+  }
+}
+
+std::string recent_loss_note(const std::vector<double>& recent) {
+  if (recent.empty()) return "";
+  return fmt::format(" (the previous step's loss was {:.6g})", recent.back());
+}
+
+// "the gradient of 'layers.1.moe.experts.w_in' is not finite (...)", the first in model order.
+std::string first_non_finite_gradient(const std::vector<std::pair<std::string, Parameter*>>& params, Ops& ops) {
+  for (const auto& [name, p] : params) {
+    const double squares = ops.sum_squares(p->grad);
+    if (!std::isfinite(squares))
+      return fmt::format("the gradient of '{}' is not finite (its sum of squares is {})", name, squares);
+  }
+  return "the gradient norm is not finite, though each parameter's sum of squares is (their sum overflowed)";
+}
+
+// A loss more than three times the mean of the recent ones (and more than 1 nat above it) is
+// worth a warning: it usually comes steps before a divergence. At most one per `window` steps.
+std::string loss_jump(int64_t step, double loss, const std::vector<double>& recent, int64_t window,
+                      int64_t last_warning) {
+  if (static_cast<int64_t>(recent.size()) < std::min<int64_t>(window, 5) || step - last_warning < window) return "";
+  double mean = 0;
+  for (double x : recent) mean += x / static_cast<double>(recent.size());
+  if (!(loss > 3 * mean && loss > mean + 1.0)) return "";
+  return fmt::format(
+      "step {}: the training loss jumped to {:.6g}, {:.1f}x the mean {:.6g} of the last {} steps; "
+      "a divergence often starts so (lower train.lr, or raise train.warmup_steps)",
+      step, loss, loss / mean, mean, recent.size());
+}
+
 // Keeps the metric lines of steps <= `step` (a resumed run rewrites what came after).
 void truncate_metrics(const fs::path& file, int64_t step) {
   std::ifstream in(file, std::ios::binary);
@@ -272,21 +316,57 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
   bool evaluated = false;
   int64_t step = first_step;
   std::vector<int32_t> inputs, targets;
+  int64_t last_warning = 0;
   for (; step <= train.steps; ++step) {
     const TokenBatch batch = data->batch(Split::train, step, train.batch_size, train.seq_len + 1);
     split_window(batch, inputs, targets);
     optimizer.zero_grad();
-    const double loss = model.forward(inputs, targets, batch.batch, true, step);
-    model.backward();
+    // A failure of the step is the metrics' last line, so the folder kept says what happened.
+    auto fail = [&](const std::string& message) {
+      json::object m;
+      m["kind"] = "error";
+      m["step"] = step;
+      m["message"] = message;
+      metrics << json::serialize(m) << "\n";
+      metrics.flush();
+      throw RuntimeError(message);
+    };
+    const double loss =
+        guarded_step(step, "forward", [&] { return model.forward(inputs, targets, batch.batch, true, step); });
+    if (!std::isfinite(loss))
+      fail(
+          fmt::format("step {}: the training loss is {}{}; the weights were not updated. Lower train.lr "
+                      "(now {}) or raise train.warmup_steps",
+                      step, loss, recent_loss_note(running.recent_loss), train.lr));
+    guarded_step(step, "backward", [&] {
+      model.backward();
+      return 0.0;
+    });
     const double grad_norm = optimizer.clip_grad_norm(train.grad_clip);
+    if (!std::isfinite(grad_norm))
+      fail(
+          fmt::format("step {}: {} (gradient norm {}, loss {}); the weights were not updated. Lower "
+                      "train.lr (now {}) or raise train.warmup_steps",
+                      step, first_non_finite_gradient(params, *ops), grad_norm, loss, train.lr));
+    if (const std::string jump = loss_jump(step, loss, running.recent_loss, train.log_every, last_warning);
+        !jump.empty()) {
+      ProgressUpdate warning;
+      warning.step = step;
+      warning.steps = train.steps;
+      warning.loss = loss;
+      warning.warning = jump;
+      progress(warning);
+      json::object m;
+      m["kind"] = "warning";
+      m["step"] = step;
+      m["message"] = jump;
+      metrics << json::serialize(m) << "\n";
+      metrics.flush();
+      last_warning = step;
+    }
     const double lr = train.lr_at(step);
     optimizer.step(lr);
     model.after_step();
-    if (!std::isfinite(loss))
-      throw RuntimeError(
-          fmt::format("the training loss is {} at step {}; lower train.lr (now {}) or raise "
-                      "train.warmup_steps",
-                      loss, step, train.lr));
     running.recent_loss.push_back(loss);
     if (static_cast<int64_t>(running.recent_loss.size()) > train.log_every)
       running.recent_loss.erase(running.recent_loss.begin());
@@ -360,8 +440,12 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     }
     if (progress) {
       const double steps_left = static_cast<double>(train.steps - step);
-      progress(ProgressUpdate{step, train.steps, loss, tokens_per_second,
-                              seconds / static_cast<double>(step - first_step + 1) * steps_left});
+      progress(ProgressUpdate{step,
+                              train.steps,
+                              loss,
+                              tokens_per_second,
+                              seconds / static_cast<double>(step - first_step + 1) * steps_left,
+                              {}});
     }
     if (stop_now) {
       result.finished = false;

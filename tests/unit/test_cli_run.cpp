@@ -282,6 +282,8 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   CHECK(cut.status == 2);
   CHECK(cut.output.find("checkpoint.safetensors") != std::string::npos);
   CHECK(fs::exists(bad / "checkpoint.safetensors"));  // a failed resume keeps the folder to try again
+  // ... and does not advise resuming the checkpoint it has just refused.
+  CHECK(cut.output.find("moelab run --resume") == std::string::npos);
   fs::remove_all(dir);
 }
 
@@ -347,5 +349,23 @@ TEST_CASE("run: an --out that cannot hold folders and a run name too long for a 
   CHECK(long_name.status == 2);
   CHECK(long_name.output.find("is 300 bytes; a folder name is at most 255 bytes") != std::string::npos);
   CHECK_FALSE(fs::exists(dir / "runs"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a diverging run stops at the first non-finite loss or gradient, naming the step and the tensor") {
+  const fs::path dir = fresh_dir("diverge");
+  const CommandResult r = run_moelab("run " + quoted(tiny_lm_recipe(dir)) + " --out " + quoted(dir / "runs") +
+                                     " --set train.lr=1e6 --set train.grad_clip=0 --set train.warmup_steps=0");
+  CAPTURE(r.output);
+  CHECK(r.status == 1);
+  CHECK(r.output.find("error: step ") != std::string::npos);
+  CHECK((r.output.find("the gradient of '") != std::string::npos ||
+         r.output.find("the training loss is ") != std::string::npos));
+  CHECK(r.output.find("the weights were not updated") != std::string::npos);
+  CHECK(r.output.find("check '") == std::string::npos);  // no internal assertion
+  // The folder stays, with what was logged and the failure as the last line of the metrics.
+  const std::string metrics = slurp(dir / "runs" / "lm" / "metrics.jsonl");
+  CHECK(metrics.find("\"kind\":\"error\"") != std::string::npos);
+  CHECK(r.output.find("its metrics are kept in") != std::string::npos);
   fs::remove_all(dir);
 }

@@ -196,6 +196,10 @@ int cmd_run(const Args& args) {
       result = run_experiment(
           run.config, run.resolved, registry, work_dir,
           [&](const ProgressUpdate& u) {
+            if (!u.warning.empty()) {
+              std::fprintf(stderr, "%smoelab: warning: %s\n", tty ? "\n" : "", u.warning.c_str());
+              return;
+            }
             if (tty) {
               const double done = static_cast<double>(u.step) / static_cast<double>(u.steps);
               const int width = 30, filled = static_cast<int>(done * width);
@@ -213,12 +217,31 @@ int cmd_run(const Args& args) {
           },
           options);
     } catch (...) {
+      // A checkpoint refused on --resume is a usage error: resuming it again would fail again.
+      bool refused = false;
+      try {
+        throw;
+      } catch (const UsageError&) {
+        refused = resume.has_value();
+      } catch (...) {
+      }
       std::error_code ignored;
-      if (!language_model || (!resume && !has_checkpoint(work_dir)))
-        fs::remove_all(work_dir, ignored);
-      else
+      const bool checkpoint = language_model && has_checkpoint(work_dir);
+      const bool metrics = language_model && fs::exists(work_dir / "metrics.jsonl", ignored);
+      if (refused) {
+        std::fprintf(stderr, "the run folder %s is kept as it was\n", work_dir.string().c_str());
+      } else if (checkpoint) {
         std::fprintf(stderr, "\nthe run stopped; its last checkpoint is in %s: moelab run --resume %s\n",
                      work_dir.string().c_str(), work_dir.string().c_str());
+      } else if (metrics && !resume) {
+        // What it logged before failing (and the failure, its last line) explains it: kept, for a look.
+        std::fprintf(stderr,
+                     "\nthe run failed before its first checkpoint; its metrics are kept in %s "
+                     "(moelab run --overwrite starts it again)\n",
+                     work_dir.string().c_str());
+      } else if (!resume) {
+        fs::remove_all(work_dir, ignored);
+      }
       throw;
     }
     if (!result.finished) {

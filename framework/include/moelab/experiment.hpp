@@ -26,6 +26,7 @@ struct ProgressUpdate {
   double loss = 0;
   double tokens_per_second = 0;
   double seconds_left = 0;
+  std::string warning;  // when set, this update only carries it ("step 40: the loss jumped ...")
 };
 
 struct RunOptions {
