@@ -21,6 +21,7 @@
 #include "moelab/optimizer.hpp"
 #include "moelab/registry.hpp"
 #include "moelab/safetensors.hpp"
+#include "moelab/sha256.hpp"
 #include "moelab/transformer.hpp"
 #include "run_files.hpp"
 
@@ -128,10 +129,34 @@ void save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& model, 
   drops.data<double>()[0] = running.train_dropped;
   drops.data<double>()[1] = running.train_assignments;
   tensors.emplace_back("running/train_drops", drops);
-  write_safetensors(run_dir / kCheckpoint, tensors,
-                    {{"format", "moelab-checkpoint-1"},
-                     {"step", std::to_string(step)},
-                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}});
+  std::map<std::string, std::string> metadata = {{"format", "moelab-checkpoint-2"},
+                                                 {"step", std::to_string(step)},
+                                                 {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
+  // One SHA-256 per tensor: a changed byte anywhere in the data region is refused by name.
+  for (const auto& [name, t] : tensors) metadata["sha256/" + name] = sha256_hex(t.raw(), t.bytes());
+  write_safetensors(run_dir / kCheckpoint, tensors, metadata);
+}
+
+// Format 2 carries a SHA-256 of every tensor ("sha256/NAME" in the metadata); each must match.
+// Format 1 (before checksums) has none to check.
+void verify_checksums(const SafetensorsFile& ckpt) {
+  const auto format = ckpt.metadata.find("format");
+  if (format != ckpt.metadata.end() && format->second == "moelab-checkpoint-1") return;
+  for (const std::string& name : ckpt.names) {
+    const auto stored = ckpt.metadata.find("sha256/" + name);
+    if (stored == ckpt.metadata.end())
+      throw UsageError(
+          fmt::format("{}: tensor '{}' has no checksum (metadata 'sha256/{}'); the file was not "
+                      "written whole by moelab",
+                      ckpt.path.string(), name, name));
+    const Tensor& t = ckpt.at(name);
+    if (const std::string actual = sha256_hex(t.raw(), t.bytes()); actual != stored->second)
+      throw UsageError(
+          fmt::format("{}: tensor '{}' does not match its checksum (stored {}, its bytes give {}): "
+                      "the file changed after it was written. Resume from an earlier checkpoint "
+                      "(train.keep_checkpoints keeps them in checkpoints/) or start again",
+                      ckpt.path.string(), name, stored->second.substr(0, 16), actual.substr(0, 16)));
+  }
 }
 
 // Restores everything save_checkpoint wrote; returns the step it was taken after.
@@ -144,6 +169,7 @@ int64_t load_checkpoint(const fs::path& run_dir, Transformer& model, AdamWOptimi
                     "before its first checkpoint; start it again without --resume",
                     run_dir.string(), kCheckpoint));
   const SafetensorsFile ckpt = read_safetensors(file);
+  verify_checksums(ckpt);
   auto meta = [&](const std::string& key) -> int64_t {
     auto it = ckpt.metadata.find(key);
     if (it == ckpt.metadata.end())

@@ -284,6 +284,24 @@ TEST_CASE("a stopped language-model run resumes to exactly the uninterrupted run
   CHECK(fs::exists(bad / "checkpoint.safetensors"));  // a failed resume keeps the folder to try again
   // ... and does not advise resuming the checkpoint it has just refused.
   CHECK(cut.output.find("moelab run --resume") == std::string::npos);
+
+  // One flipped byte in the data region is refused by the tensor's checksum, by name.
+  REQUIRE(run_moelab("run " + quoted(recipe) + " --out " + quoted(dir / "flip") + " --stop-at 8").status == 0);
+  const fs::path flip = dir / "flip" / "lm" / "checkpoint.safetensors";
+  {
+    std::fstream f(flip, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-3, std::ios::end);
+    char byte = 0;
+    f.read(&byte, 1);
+    byte = static_cast<char>(byte ^ 0x10);
+    f.seekp(-3, std::ios::end);
+    f.write(&byte, 1);
+  }
+  const CommandResult flipped = run_moelab("run --resume " + quoted(dir / "flip" / "lm"));
+  CAPTURE(flipped.output);
+  CHECK(flipped.status == 2);
+  CHECK(flipped.output.find("does not match its checksum") != std::string::npos);
+  CHECK(flipped.output.find("tensor '") != std::string::npos);
   fs::remove_all(dir);
 }
 
