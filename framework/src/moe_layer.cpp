@@ -178,6 +178,33 @@ struct MoeLayer::Saved {
   std::unique_ptr<ForwardContext> experts_context, shared_context;
 };
 
+namespace {
+
+// Runs a call into plugin code. Whatever it throws comes back naming the plugin, its file, the
+// layer and the call: a UsageError stays one (its diagnostics, when it has any, pass unchanged),
+// anything else becomes a RuntimeError.
+template <class F>
+decltype(auto) in_plugin(const std::string& tag, const char* call, F&& body) {
+  try {
+    return body();
+  } catch (const UsageError& e) {
+    if (!e.diagnostics().empty()) throw;
+    throw UsageError(fmt::format("{}, {}: {}", tag, call, e.what()));
+  } catch (const std::exception& e) {
+    throw RuntimeError(fmt::format("{}, {}: {}", tag, call, e.what()));
+  } catch (...) {
+    throw RuntimeError(fmt::format("{}, {}: threw something that is not a std::exception", tag, call));
+  }
+}
+
+std::string plugin_tag(const PluginRegistry& registry, PluginKind kind, const std::string& name, int64_t layer) {
+  const PluginInfo& info = registry.require(kind, name);
+  return fmt::format("layer {}, {} '{}' ({})", layer,
+                     kind == PluginKind::experts ? "expert layout" : plugin_kind_name(kind), name, info.file.string());
+}
+
+}  // namespace
+
 MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng)
     : config_(config),
       spec_(spec),
@@ -185,11 +212,19 @@ MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginR
       rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
       dead_(spec.num_experts, config.dead_expert_window) {
   Rng init = rng_.fork(1);
-  experts_ = registry.make_experts(config.experts.type, config.experts.params, spec_, ops, init);
-  router_ = registry.make_router(config.router.type, config.router.params, spec_, ops, init);
+  experts_tag_ = plugin_tag(registry, PluginKind::experts, config.experts.type, spec_.layer_index);
+  router_tag_ = plugin_tag(registry, PluginKind::router, config.router.type, spec_.layer_index);
+  experts_ = in_plugin(experts_tag_, "constructor", [&] {
+    return registry.make_experts(config.experts.type, config.experts.params, spec_, ops, init);
+  });
+  router_ = in_plugin(router_tag_, "constructor",
+                      [&] { return registry.make_router(config.router.type, config.router.params, spec_, ops, init); });
   bool bias = false;
   for (const auto& choice : config.balancers) {
-    balancers_.push_back(registry.make_balancer(choice.type, choice.params, spec_, ops, init));
+    balancer_tags_.push_back(plugin_tag(registry, PluginKind::balancer, choice.type, spec_.layer_index));
+    balancers_.push_back(in_plugin(balancer_tags_.back(), "constructor", [&] {
+      return registry.make_balancer(choice.type, choice.params, spec_, ops, init);
+    }));
     balancer_names_.push_back(choice.type);
     bias = bias || balancers_.back()->uses_expert_bias();
   }
@@ -239,7 +274,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
                     input.token_ids,
                     expert_bias_.defined() ? &expert_bias_ : nullptr,
                     saved->capacity_factor};
-  saved->plan = router_->forward(x, ctx);
+  saved->plan = in_plugin(router_tag_, "forward", [&] { return router_->forward(x, ctx); });
   RoutingPlan& plan = saved->plan;
   expect_shape(plan.logits, {tokens, experts}, "router logits");
   expect_shape(plan.probs, {tokens, experts}, "router probabilities");
@@ -284,13 +319,17 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   saved->x_sorted = ops_.empty(x.dtype(), {rows, d});
   if (rows > 0) ops_.gather_rows(x, saved->source_token, saved->x_sorted);
   saved->y_sorted = ops_.empty(x.dtype(), {rows, d});
-  saved->experts_context = experts_->forward(ops_, saved->x_sorted, saved->offsets, saved->y_sorted);
+  saved->experts_context = in_plugin(experts_tag_, "forward", [&] {
+    return experts_->forward(ops_, saved->x_sorted, saved->offsets, saved->y_sorted);
+  });
   saved->row_weight = ops_.empty(x.dtype(), {rows, 1});
   if (rows > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), saved->order, saved->row_weight);
   saved->row_weight = saved->row_weight.reshaped({rows});
   Tensor y = ops_.zeros(x.dtype(), {tokens, d});
   if (rows > 0) ops_.scatter_add_rows(saved->y_sorted, saved->source_token, &saved->row_weight, y);
-  if (experts_->has_shared()) saved->shared_context = experts_->shared_forward(ops_, x, y);
+  if (experts_->has_shared())
+    saved->shared_context =
+        in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
 
   // What the layer reports.
   std::vector<char> served(static_cast<size_t>(tokens), 0);
@@ -320,7 +359,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   saved->load.tokens = tokens;
   saved->load.top_k = plan.top_k;
   for (size_t i = 0; i < balancers_.size(); ++i) {
-    const double loss = balancers_[i]->forward(plan, saved->load, ctx);
+    const double loss =
+        in_plugin(balancer_tags_[i], "forward", [&] { return balancers_[i]->forward(plan, saved->load, ctx); });
     stats_.balancer_losses.emplace_back(balancer_names_[i], loss);
     stats_.aux_loss += loss;
   }
@@ -338,7 +378,9 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   const int64_t assignments = s.plan.weight.numel();
 
   Tensor dx = ops_.zeros(s.x.dtype(), {tokens, d});
-  if (experts_->has_shared()) experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx);
+  if (experts_->has_shared())
+    in_plugin(experts_tag_, "shared_backward",
+              [&] { experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx); });
 
   // y[t] = sum_rows w_r * expert(x_sorted)_r:  dL/dw_r = <dy[t_r], y_sorted_r>,
   // dL/d expert output_r = w_r * dy[t_r].
@@ -353,11 +395,13 @@ Tensor MoeLayer::backward(const Tensor& dy) {
     ops_.scatter_add_rows(drow_weight.reshaped({rows, 1}), s.order, nullptr, dweight);
     ops_.scale_rows(s.row_weight, dy_sorted);
     Tensor dx_sorted = ops_.empty(dy.dtype(), {rows, d});
-    experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, dy_sorted, dx_sorted);
+    in_plugin(experts_tag_, "backward",
+              [&] { experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, dy_sorted, dx_sorted); });
     ops_.scatter_add_rows(dx_sorted, s.source_token, nullptr, dx);
   } else {
     Tensor none = ops_.empty(dy.dtype(), {0, d});
-    experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, none, none);
+    in_plugin(experts_tag_, "backward",
+              [&] { experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, none, none); });
   }
 
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
@@ -370,8 +414,9 @@ Tensor MoeLayer::backward(const Tensor& dy) {
                     s.token_ids,
                     expert_bias_.defined() ? &expert_bias_ : nullptr,
                     s.capacity_factor};
-  for (auto& balancer : balancers_) balancer->backward(s.plan, s.load, ctx, 1.0, grad);
-  router_->backward(s.x, s.plan, grad, ctx, dx);
+  for (size_t i = 0; i < balancers_.size(); ++i)
+    in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
+  in_plugin(router_tag_, "backward", [&] { router_->backward(s.x, s.plan, grad, ctx, dx); });
   return dx;
 }
 
@@ -387,7 +432,8 @@ const std::vector<int32_t>& MoeLayer::last_final_expert() const {
 
 void MoeLayer::after_step() {
   if (!saved_) return;
-  for (auto& balancer : balancers_) balancer->after_step(ops_, saved_->load, expert_bias_);
+  for (size_t i = 0; i < balancers_.size(); ++i)
+    in_plugin(balancer_tags_[i], "after_step", [&] { balancers_[i]->after_step(ops_, saved_->load, expert_bias_); });
 }
 
 }  // namespace moelab

@@ -500,6 +500,22 @@ TEST_CASE("CLI: no command runs a refused plugin's code; duplicates and missing 
   CHECK(contains(output2, "libmoelab_router_abi_major99.so could not be used"));
   CHECK(contains(output2, "plugin folder does not exist: /no/such/moelab/folder"));
 
+  // A plugin's own failure names the plugin, its file, the layer and the call.
+  const fs::path throwing = dir / "throwing.toml";
+  {
+    std::ofstream out(throwing);
+    out << "extends = \"" << recipe << "\"\n[plugins]\npaths = [\"" << MOELAB_FIXTURE_THROWS_DIR
+        << "\"]\n[moe.router]\ntype = \"thrower\"\n[train]\nsteps = 3\n";
+  }
+  const auto [status4, output4] =
+      moelab("", "run '" + throwing.string() + "' --out '" + (dir / "throws").string() + "'");
+  CAPTURE(output4);
+  CHECK(status4 == 1);
+  CHECK(contains(output4, "error: step 1: forward: layer "));
+  CHECK(contains(output4, ", router 'thrower' ("));
+  CHECK(contains(output4, "libmoelab_router_thrower.so), forward: vector::_M_range_check"));
+  CHECK_FALSE(contains(output4, "unexpected failure"));
+
   // plugins --recipe sees a recipe's [plugins] paths.
   const fs::path with_paths = dir / "with_paths.toml";
   {

@@ -122,6 +122,10 @@ class MoeLayer : public Module {
   std::shared_ptr<Router> router_;
   std::shared_ptr<Experts> experts_;
   std::vector<std::shared_ptr<Balancer>> balancers_;
+  // "layer 2, router 'softmax_topk' (/path/libmoelab_router_softmax_topk.so)": what a failure
+  // inside that plugin's code is prefixed with.
+  std::string router_tag_, experts_tag_;
+  std::vector<std::string> balancer_tags_;
   std::vector<std::string> balancer_names_;
   Tensor expert_bias_;
   LayerStats stats_;
