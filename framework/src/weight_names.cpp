@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <map>
+#include <set>
 
 #include "moelab/safetensors.hpp"
 
@@ -122,12 +123,20 @@ std::vector<std::string> weight_name_formats() {
 }
 
 void load_layer_weights(MoeLayer& layer, Ops& ops, const SafetensorsFile& file, const std::string& label,
-                        WeightNames format, const std::string& prefix) {
+                        WeightNames format, const std::string& prefix, bool allow_unused) {
   const auto table = mapping_for(format);
+  std::set<std::string> used;
   auto fetch = [&](const std::string& name) -> const Tensor& {
     auto it = file.tensors.find(prefix + name);
     if (it == file.tensors.end())
       throw UsageError(fmt::format("{}: no tensor '{}' (expected for this layer's weights)", label, prefix + name));
+    const DType dtype = it->second.dtype();
+    if (dtype != DType::f32 && dtype != DType::f64 && dtype != DType::bf16)
+      throw UsageError(
+          fmt::format("{}: tensor '{}' is {}; weights are floats (F32, F64 or BF16), and an integer "
+                      "tensor is not converted (were its bytes labelled with the wrong dtype?)",
+                      label, prefix + name, dtype_name(dtype)));
+    used.insert(prefix + name);
     return it->second;
   };
   auto expect = [&](const std::string& name, const Tensor& t, const Shape& shape) {
@@ -163,6 +172,20 @@ void load_layer_weights(MoeLayer& layer, Ops& ops, const SafetensorsFile& file, 
     Tensor host = host_tensor(bias.dtype(), bias.shape());
     convert(t, 0, host, 0, host.numel());
     ops.copy(host, bias);
+  }
+  // A tensor the layer does not read usually means the wrong recipe or format (a Qwen2-MoE file
+  // read without its shared expert); it is an error, not a silent skip.
+  std::vector<std::string> unused;
+  for (const auto& [name, tensor] : file.tensors)
+    if (name.rfind(prefix, 0) == 0 && !used.count(name)) unused.push_back(name);
+  if (!unused.empty() && !allow_unused) {
+    std::string listed;
+    for (size_t i = 0; i < unused.size() && i < 8; ++i) listed += (i ? ", " : "") + unused[i];
+    if (unused.size() > 8) listed += fmt::format(" and {} more", unused.size() - 8);
+    throw UsageError(
+        fmt::format("{}: {} tensor{} the layer does not use: {} (check the recipe and --names; "
+                    "--allow-unused ignores them)",
+                    label, unused.size(), unused.size() == 1 ? "" : "s", listed));
   }
 }
 

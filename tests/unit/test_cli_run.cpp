@@ -170,6 +170,18 @@ TEST_CASE("layer runs one MoE layer on a tensor file and writes outputs and grad
   CHECK(bad.status == 2);
   CHECK(bad.output.find("'x' has shape [10, 7], expected [T, 32]") != std::string::npos);
   CHECK(!fs::exists(dir / "never.safetensors"));
+  // No tokens (it printed "aux loss -nan" and exited 0) and integer inputs are refused too.
+  moelab::write_safetensors(dir / "empty.safetensors", {{"x", moelab::host_tensor(moelab::DType::f32, {0, 32})}});
+  const CommandResult empty = run_moelab("layer " + recipe + " --input " + quoted(dir / "empty.safetensors") +
+                                         " --output " + quoted(dir / "never.safetensors"));
+  CHECK(empty.status == 2);
+  CHECK(empty.output.find("'x' has no tokens") != std::string::npos);
+  moelab::write_safetensors(dir / "ints.safetensors", {{"x", moelab::host_tensor(moelab::DType::i32, {4, 32})}});
+  const CommandResult ints = run_moelab("layer " + recipe + " --input " + quoted(dir / "ints.safetensors") +
+                                        " --output " + quoted(dir / "never.safetensors"));
+  CHECK(ints.status == 2);
+  CHECK(ints.output.find("'x' is i32") != std::string::npos);
+  CHECK(!fs::exists(dir / "never.safetensors"));
   fs::remove_all(dir);
 }
 

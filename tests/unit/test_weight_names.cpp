@@ -105,6 +105,23 @@ TEST_CASE("missing or misshapen weights are clear errors") {
   CHECK_THROWS_WITH_AS(load_layer_weights(layer, cpu(), file, "w.safetensors", WeightNames::mixtral),
                        doctest::Contains("has shape [6, 5], the layer needs [5, 6]"), UsageError);
   CHECK_THROWS_WITH_AS(parse_weight_names("llama"), doctest::Contains("known: moelab, mixtral"), UsageError);
+  // An integer tensor (F32 bytes labelled I32, say) is refused, not converted as integers.
+  file.tensors["experts.2.w2.weight"] = host_tensor(DType::i32, {5, 6});
+  CHECK_THROWS_WITH_AS(load_layer_weights(layer, cpu(), file, "w.safetensors", WeightNames::mixtral),
+                       doctest::Contains("tensor 'experts.2.w2.weight' is i32; weights are floats"), UsageError);
+  file.tensors["experts.2.w2.weight"] = host_tensor(DType::f32, {5, 6});
+  CHECK_NOTHROW(load_layer_weights(layer, cpu(), file, "w.safetensors", WeightNames::mixtral));
+  // A tensor the layer does not use is an error listing it, unless allowed.
+  file.tensors["shared_expert_gate.weight"] = host_tensor(DType::f32, {1, 5});
+  CHECK_THROWS_WITH_AS(load_layer_weights(layer, cpu(), file, "w.safetensors", WeightNames::mixtral),
+                       doctest::Contains("1 tensor the layer does not use: shared_expert_gate.weight"), UsageError);
+  CHECK_NOTHROW(load_layer_weights(layer, cpu(), file, "w.safetensors", WeightNames::mixtral, "", true));
+  // Under a prefix, only the tensors of that prefix count.
+  SafetensorsFile model_file;
+  for (auto& [name, tensor] : export_layer_weights(layer, cpu(), WeightNames::mixtral, "model.layers.0."))
+    model_file.tensors[name] = tensor;
+  model_file.tensors["model.layers.1.attn.weight"] = host_tensor(DType::f32, {1});
+  CHECK_NOTHROW(load_layer_weights(layer, cpu(), model_file, "m.safetensors", WeightNames::mixtral, "model.layers.0."));
   // A format without a name for a parameter says so instead of guessing.
   MoeLayer full(config("full"), spec(), registry(), cpu(), rng);
   CHECK_NOTHROW(export_layer_weights(full, cpu(), WeightNames::switch_transformers));

@@ -59,7 +59,8 @@ int cmd_layer(const Args& args) {
        {"--grad", "safetensors file holding 'dy' [T, d]: run the backward too"},
        {"--save-weights", "write the layer's weights to this file in the --names format"},
        {"--set", "override a recipe key, VALUE parsed as TOML (repeatable)"}},
-      {{"--eval", "evaluation mode"}},
+      {{"--eval", "evaluation mode"},
+       {"--allow-unused", "accept a --weights file with tensors (under --prefix) that the layer does not use"}},
       1,
       1};
   const ParsedArgs parsed = parse_args(spec, args);
@@ -79,7 +80,7 @@ int cmd_layer(const Args& args) {
   Rng rng(config.seed);
   MoeLayer layer(config.moe, config.layer, registry, *ops, rng);
   if (auto file = parsed.option("--weights"))
-    load_layer_weights(layer, *ops, read_safetensors(*file), *file, names, prefix);
+    load_layer_weights(layer, *ops, read_safetensors(*file), *file, names, prefix, parsed.flag("--allow-unused"));
 
   const std::string input_file = *parsed.option("--input");
   const SafetensorsFile input = read_safetensors(input_file);
@@ -89,6 +90,11 @@ int cmd_layer(const Args& args) {
     throw UsageError(fmt::format("{}: 'x' has shape {}, expected [T, {}] (the recipe's model.d_model)", input_file,
                                  shape_str(x_file.shape()), d));
   const int64_t tokens = x_file.dim(0);
+  if (tokens == 0)
+    throw UsageError(fmt::format("{}: 'x' has no tokens (shape {})", input_file, shape_str(x_file.shape())));
+  if (x_file.dtype() != DType::f32 && x_file.dtype() != DType::f64 && x_file.dtype() != DType::bf16)
+    throw UsageError(
+        fmt::format("{}: 'x' is {}; the input is floats (F32, F64 or BF16)", input_file, dtype_name(x_file.dtype())));
   Tensor token_ids;
   if (auto it = input.tensors.find("token_ids"); it != input.tensors.end()) {
     if (it->second.shape() != Shape{tokens})

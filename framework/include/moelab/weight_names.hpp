@@ -28,10 +28,12 @@ WeightNames parse_weight_names(const std::string& name);  // UsageError listing 
 std::vector<std::string> weight_name_formats();
 
 // Copies every parameter of `layer` from `file` (tensor names prefixed by `prefix`, e.g.
-// "model.layers.0.block_sparse_moe."). Missing tensors, wrong shapes and parameters the format has
-// no name for are UsageErrors naming the file and the tensor; dtypes are converted.
+// "model.layers.0.block_sparse_moe."). Missing tensors, wrong shapes, parameters the format has
+// no name for, tensors of a non-float dtype, and (unless `allow_unused`) tensors under `prefix`
+// that the layer does not use are UsageErrors naming the file and the tensors; float dtypes
+// (f32, f64, bf16) are converted to the layer's.
 void load_layer_weights(MoeLayer& layer, Ops& ops, const SafetensorsFile& file, const std::string& file_label,
-                        WeightNames format, const std::string& prefix = "");
+                        WeightNames format, const std::string& prefix = "", bool allow_unused = false);
 // The layer's weights as host tensors under the format's names.
 std::vector<std::pair<std::string, Tensor>> export_layer_weights(MoeLayer& layer, Ops& ops, WeightNames format,
                                                                  const std::string& prefix = "");
