@@ -167,6 +167,7 @@ void run_in_parallel(int64_t tasks, double work, const Task& task) {
 // Above this many table entries (domains * contexts * branching) the tables and the stationary
 // distributions stop being cheap: about 12 bytes an entry, and every power iteration visits each.
 constexpr int64_t max_markov_entries = int64_t{1} << 26;
+constexpr double markov_bytes_per_entry = 12;  // a successor token (i32) and its probability (f64)
 // Stationary distributions: stop when the estimated L1 distance to the limit is below this.
 constexpr double stationary_tolerance = 1e-12;
 // A step that moves the distribution less than this (L1) only reshuffles rounding errors.
@@ -694,6 +695,35 @@ std::unique_ptr<TokenData> make_token_data(const DataConfig& config, int64_t voc
   if (config.kind == "text") return make_text_data(config, vocab_size, window, seed);
   if (config.kind == "tokens") return make_tokens_data(config, vocab_size, window, seed);
   throw UsageError(fmt::format("data.kind must be \"markov\", \"text\" or \"tokens\", got \"{}\"", config.kind));
+}
+
+double token_data_bytes(const DataConfig& config, int64_t vocab_size) {
+  if (config.kind == "markov") {
+    const MarkovShape shape = markov_shape(config, vocab_size);
+    return static_cast<double>(shape.contexts) * static_cast<double>(shape.branching * shape.domains) *
+           markov_bytes_per_entry;
+  }
+  if (config.kind != "text" && config.kind != "tokens")
+    throw UsageError(fmt::format("data.kind must be \"markov\", \"text\" or \"tokens\", got \"{}\"", config.kind));
+  const uint64_t width = config.kind == "text" ? 1 : config.token_dtype == "u32" ? 4 : 2;
+  double bytes = 0;
+  for (const fs::path& file : matched_files(config.paths, config.kind)) {
+    const uint64_t size = regular_file_size(file);
+    if (size % width != 0)
+      fail_file(file, "holds {} bytes, not a multiple of {} (the width of a {} token); is data.token_dtype right?",
+                size, width, config.token_dtype);
+    bytes += static_cast<double>(size);  // text (u8) and token files are held as read
+  }
+  return bytes;
+}
+
+void validate_token_data(const DataConfig& config, int64_t vocab_size, int64_t window) {
+  if (config.kind == "markov") {
+    markov_shape(config, vocab_size);  // the tables themselves are the run's to build
+    return;
+  }
+  // The file corpora: read and checked exactly as a run reads them, then let go.
+  make_token_data(config, vocab_size, window, 0);
 }
 
 }  // namespace moelab

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cli_support.hpp"
+#include "test_files.hpp"
 
 namespace fs = std::filesystem;
 
@@ -202,4 +203,88 @@ TEST_CASE("moelab check: 20,000 diagnostics are found in linear time and the fir
   CHECK(json.status == 2);
   CHECK(json.output.find("unknown_key_19999") != std::string::npos);
   fs::remove_all(dir);
+}
+
+// Issue 11, point 4: check refuses what run cannot do, at the recipe's key.
+TEST_CASE("moelab check: a run too large for this machine's memory is refused with the figures") {
+  moelab::test::ScratchFolder dir("check_memory");
+  const fs::path recipe = dir / "huge.toml";
+  moelab::test::write_bytes(
+      recipe, "extends = \"" MOELAB_SOURCE_DIR "/recipes/default.toml\"\n[model]\nd_model = 16384\nn_layers = 512\n");
+  const Result r = run("check " + quoted(recipe));
+  CAPTURE(r.output);
+  CHECK(r.status == 2);
+  CHECK(r.output.find("huge.toml:2:1: error: model: this run needs at least") != std::string::npos);
+  CHECK(r.output.find("AdamW state") != std::string::npos);
+  CHECK(r.output.find("but this machine has") != std::string::npos);
+  // The same recipe checked against a machine with enough memory (a cluster node, say) passes.
+  CHECK(run("check " + quoted(recipe) + " --memory-gib 100000").status == 0);
+  CHECK(run("check " + quoted(recipe) + " --memory-gib -1").status == 2);
+  // Too many tokens per step: the activations dominate, and the key named is the batch.
+  const Result batch = run("check " MOELAB_SOURCE_DIR "/recipes/default.toml --set train.batch_size=1048576");
+  CHECK(batch.status == 2);
+  CHECK(batch.output.find("error: train.batch_size: this run needs at least") != std::string::npos);
+  // `run` refuses it the same way, before any folder is written.
+  const Result ran = run("run " + quoted(recipe) + " --out " + quoted(dir / "runs"));
+  CHECK(ran.status == 2);
+  CHECK(!fs::exists(dir / "runs"));
+  // show and inspect still describe it.
+  CHECK(run("show " + quoted(recipe), false).status == 0);
+  CHECK(run("inspect " + quoted(recipe), false).status == 0);
+}
+
+TEST_CASE("moelab check: the data files are checked — globs, existence, UTF-8, token ids, length") {
+  moelab::test::ScratchFolder dir("check_data");
+  const auto recipe_with = [&](const std::string& name, const std::string& data) {
+    const fs::path file = dir / name;
+    moelab::test::write_bytes(file, "extends = \"" MOELAB_SOURCE_DIR
+                                    "/recipes/default.toml\"\n[model]\nvocab_size = "
+                                    "256\n[data]\n" +
+                                        data);
+    return file;
+  };
+  std::string tokens(4000 * 2, '\0');
+  tokens[7998] = 0x2c;  // token 3999 is 300 (little-endian u16 0x012c)
+  tokens[7999] = 0x01;
+  moelab::test::write_bytes(dir / "tokens.bin", tokens);
+  moelab::test::write_bytes(dir / "latin1.txt", std::string(200, 'a') + "\xff\xfe");
+  moelab::test::write_bytes(dir / "short.txt", "hello");
+  const std::string d = dir.path().string();
+  const struct {
+    std::string name, data, expected;
+  } cases[] = {
+      {"missing.toml", "kind = \"text\"\npaths = [\"" + d + "/nothere.txt\"]\n",
+       "missing.toml:6:9: error: data.paths: " + d + "/nothere.txt: no such file"},
+      {"glob.toml", "kind = \"text\"\npaths = [\"" + d + "/*.md\"]\n", "error: data.paths: the glob"},
+      {"utf8.toml", "kind = \"text\"\npaths = [\"" + d + "/latin1.txt\"]\n",
+       "is not UTF-8: invalid sequence at byte offset 200"},
+      {"short.toml", "kind = \"text\"\npaths = [\"" + d + "/short.txt\"]\n", "the train split holds 4 tokens"},
+      {"ids.toml", "kind = \"tokens\"\npaths = [\"" + d + "/tokens.bin\"]\n",
+       "token 3999 (byte offset 7998) is 300, not below model.vocab_size = 256"},
+  };
+  for (const auto& c : cases) {
+    const Result r = run("check " + quoted(recipe_with(c.name, c.data)));
+    CAPTURE(c.name);
+    CAPTURE(r.output);
+    CHECK(r.status == 2);
+    CHECK(r.output.find(c.expected) != std::string::npos);
+  }
+  // A sweep whose second point names a missing file: check refuses it, and run trains nothing.
+  const fs::path sweep = recipe_with("sweep.toml", "kind = \"text\"\n[sweep]\n\"data.paths\" = [[\"" + d +
+                                                       "/latin1.txt\"], [\"" + d + "/gone.txt\"]]\n");
+  moelab::test::write_bytes(dir / "latin1.txt", std::string(20000, 'a'));
+  const Result checked = run("check " + quoted(sweep));
+  CAPTURE(checked.output);
+  CHECK(checked.status == 2);
+  CHECK(checked.output.find("gone.txt: no such file") != std::string::npos);
+  CHECK(checked.output.find("in sweep point") != std::string::npos);
+  CHECK(run("run " + quoted(sweep) + " --out " + quoted(dir / "runs")).status == 2);
+  CHECK(!fs::exists(dir / "runs"));
+}
+
+TEST_CASE("moelab check: a model the trainer does not train is refused as run refuses it") {
+  const Result r = run("check " MOELAB_SOURCE_DIR "/recipes/published/switch_base_8.toml");
+  CAPTURE(r.output);
+  CHECK(r.status == 2);
+  CHECK(r.output.find("error: model.architecture: moelab trains decoder-only language models") != std::string::npos);
 }

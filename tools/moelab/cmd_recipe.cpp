@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <boost/json.hpp>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <unordered_map>
@@ -11,6 +12,7 @@
 #include "moelab/config.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
+#include "moelab/run_check.hpp"
 
 namespace moelab::cli {
 
@@ -24,9 +26,11 @@ struct Validation {
   Diagnostics diagnostics;
 };
 
-// Loads `file`, expands its sweep and validates every point. A problem shared by every point is
-// reported once; one that only some points have names them in its note.
-Validation validate(const std::string& file, const std::vector<std::string>& overrides) {
+// Loads `file`, expands its sweep and validates every point: its schema (build_config), then, when
+// `run_check` is given, what a run needs beyond it (check_run: a trainable model, its data,
+// memory). A problem shared by every point is reported once; one that only some points have names
+// them in its note.
+Validation validate(const std::string& file, const std::vector<std::string>& overrides, const CheckOptions* run_check) {
   Validation out;
   try {
     const Recipe recipe = Recipe::load(file, LoadOptions{overrides});
@@ -43,7 +47,8 @@ Validation validate(const std::string& file, const std::vector<std::string>& ove
   std::unordered_map<std::string, size_t> index;                       // formatted problem -> its place in found
   for (auto& point : out.points) {
     try {
-      build_config(*point.recipe, registry);
+      const RunConfig config = build_config(*point.recipe, registry);
+      if (run_check) check_run(config, *point.recipe, registry, *run_check);
     } catch (const UsageError& e) {
       if (e.diagnostics().empty()) throw;
       for (const auto& d : e.diagnostics().items()) {
@@ -90,11 +95,15 @@ std::string json_report(const Validation& v) {
 
 int cmd_check(const Args& args) {
   const ArgSpec spec{
-      "moelab check RECIPE [--set KEY=VALUE]... [--json]",
+      "moelab check RECIPE [--set KEY=VALUE]... [--memory-gib N] [--json]",
       "Loads RECIPE (its extends, overrides and references), expands its [sweep] and validates every\n"
-      "run against the core schema and the schemas of the plugins it names. Prints 'RECIPE: ok (N runs)'\n"
-      "and exits 0, or prints every problem as file:line:column: error: key: message and exits 2.",
-      {kSetOption},
+      "run against the core schema and the schemas of the plugins it names, then what `run` needs\n"
+      "beyond them: a model the trainer supports, data files that exist, match their globs and fit the\n"
+      "vocabulary, and memory: a lower bound of what the run allocates (weights, gradients, AdamW state,\n"
+      "one step's saved activations and logits, the corpus) must fit this machine's memory. Prints\n"
+      "'RECIPE: ok (N runs)' and exits 0, or prints every problem as\n"
+      "file:line:column: error: key: message and exits 2.",
+      {kSetOption, {"--memory-gib", "check the memory estimate against N GiB instead of this machine's memory"}},
       {{"--json", "print {\"ok\", \"runs\", \"errors\": [{file, line, column, key, message, hint, note}]}"}},
       1,
       1};
@@ -104,7 +113,20 @@ int cmd_check(const Args& args) {
     return kExitOk;
   }
   const std::string& file = parsed.positional[0];
-  const Validation v = validate(file, parsed.all("--set"));
+  CheckOptions options;
+  if (const auto gib = parsed.option("--memory-gib")) {
+    size_t used = 0;
+    double value = 0;
+    try {
+      value = std::stod(*gib, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != gib->size() || !(value > 0) || !std::isfinite(value))
+      throw UsageError(fmt::format("--memory-gib: expected a positive number of GiB, got '{}'", *gib));
+    options.memory_bytes = value * 1024 * 1024 * 1024;
+  }
+  const Validation v = validate(file, parsed.all("--set"), &options);
   if (parsed.flag("--json")) {
     std::fputs(json_report(v).c_str(), stdout);
     return v.diagnostics.empty() ? kExitOk : kExitUsage;
@@ -128,7 +150,8 @@ int cmd_show(const Args& args) {
     std::fputs(help_text(spec).c_str(), stdout);
     return kExitOk;
   }
-  const Validation v = validate(parsed.positional[0], parsed.all("--set"));
+  // show prints any recipe the schema accepts, a model too large to train here included.
+  const Validation v = validate(parsed.positional[0], parsed.all("--set"), nullptr);
   v.diagnostics.throw_if_any();
 
   size_t first = 0, last = v.points.size();

@@ -13,7 +13,7 @@
 #include "moelab/experiment.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
-#include "moelab/transformer.hpp"
+#include "moelab/run_check.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -32,20 +32,6 @@ struct PlannedRun {
   fs::path dir;
   std::string label;
 };
-
-// A recipe with a vocabulary trains the transformer; say up front, at the recipe's keys, what of it
-// the trainer cannot train (an encoder-decoder, T5's relative bias, MTP modules), before any run
-// of a sweep starts.
-void refuse_untrainable(const RunConfig& config, const Recipe& recipe) {
-  if (config.model.vocab_size == 0) return;
-  Diagnostics diagnostics;
-  for (const Unsupported& u : transformer_unsupported(config)) {
-    SourceLocation where = recipe.where(u.key);
-    if (!where.known()) where = recipe.where("model");
-    diagnostics.add(where, u.key, u.message, u.hint);
-  }
-  diagnostics.throw_if_any();
-}
 
 std::atomic<int> g_interrupts{0};
 std::atomic<bool> g_interrupt{false};
@@ -131,7 +117,9 @@ int cmd_run(const Args& args) {
       PluginRegistry registry = PluginRegistry::with_default_path();
       PlannedRun run;
       run.config = build_config(*point.recipe, registry);
-      refuse_untrainable(run.config, *point.recipe);
+      // What run cannot do (an untrainable model, missing data, too little memory) is refused for
+      // every point before the first one trains.
+      check_run(run.config, *point.recipe, registry);
       run.resolved = point.recipe->to_toml();
       const fs::path parent = parsed.option("--out") ? fs::path(*parsed.option("--out")) : run.config.output_dir;
       run.dir = parent / run.config.name;

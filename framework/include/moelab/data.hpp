@@ -54,4 +54,14 @@ class TokenData {
 // of `window` tokens, a vocabulary below 256 for text.
 std::unique_ptr<TokenData> make_token_data(const DataConfig& config, int64_t vocab_size, int64_t window, uint64_t seed);
 
+// What make_token_data will hold in memory, in bytes, found without reading a token: the files'
+// sizes (globs expanded, each file checked to be there, regular, non-empty and a whole number of
+// tokens) or the Markov tables' size. Throws the UsageError make_token_data would for those.
+double token_data_bytes(const DataConfig& config, int64_t vocab_size);
+
+// Every refusal of make_token_data without keeping the tokens or building the Markov tables: the
+// files are read (text checked to be UTF-8, token ids below vocab_size) and both splits must hold
+// a window. Throws UsageError.
+void validate_token_data(const DataConfig& config, int64_t vocab_size, int64_t window);
+
 }  // namespace moelab

@@ -1,0 +1,151 @@
+// check_run: what `moelab check` and `moelab run` refuse beyond the schema (run_check.hpp).
+#include "moelab/run_check.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "moelab/data.hpp"
+#include "moelab/model_shape.hpp"
+#include "moelab/recipe.hpp"
+#include "moelab/registry.hpp"
+#include "moelab/transformer.hpp"
+
+namespace moelab {
+
+namespace {
+
+// The location of the first of `keys` the recipe sets; the recipe's file when it sets none.
+SourceLocation first_set(const Recipe& recipe, std::initializer_list<const char*> keys) {
+  for (const char* key : keys) {
+    const SourceLocation where = recipe.where(key);
+    if (where.known()) return where;
+  }
+  return SourceLocation{recipe.path().string(), 0, 0};
+}
+
+// The term of the estimate that dominates, as the recipe key to change.
+const char* dominant_key(const MemoryEstimate& m) {
+  const double state = m.weights + m.gradients + m.optimizer;
+  const double largest = std::max({state, m.activations, m.logits, m.corpus});
+  if (largest == m.corpus) return "data";
+  if (largest == m.logits) return "model.vocab_size";
+  if (largest == m.activations) return "train.batch_size";
+  return "model";
+}
+
+void check_trainable(const RunConfig& config, const Recipe& recipe, Diagnostics& out) {
+  if (config.model.vocab_size == 0) return;  // the layer-only regression task trains any layer
+  for (const Unsupported& u : transformer_unsupported(config))
+    out.add(first_set(recipe, {u.key.c_str(), "model"}), u.key, u.message, u.hint);
+}
+
+// The data: its size (for the estimate), and when asked its content. A problem becomes a
+// diagnostic at the recipe's data key; the corpus size is 0 then.
+double check_data(const RunConfig& config, const Recipe& recipe, const CheckOptions& options, Diagnostics& out) {
+  if (config.model.vocab_size == 0) return 0;
+  const DataConfig& data = config.data;
+  const char* key = data.kind == "markov" ? "data.kind" : "data.paths";
+  try {
+    const double bytes = token_data_bytes(data, config.model.vocab_size);
+    if (options.read_data) validate_token_data(data, config.model.vocab_size, config.train.seq_len + 1);
+    return bytes;
+  } catch (const UsageError& e) {
+    std::string message = e.what();
+    const std::string prefix = std::string(key) + ": ";
+    if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());  // the diagnostic names the key
+    out.add(first_set(recipe, {key, "data"}), key, message);
+    return 0;
+  }
+}
+
+}  // namespace
+
+std::string format_bytes(double bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  size_t unit = 0;
+  while (bytes >= 1024 && unit + 1 < std::size(units)) {
+    bytes /= 1024;
+    ++unit;
+  }
+  return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.2f} {}", bytes, units[unit]);
+}
+
+std::string MemoryEstimate::describe() const {
+  std::vector<std::string> parts;
+  const auto add = [&](const char* what, double bytes) {
+    if (bytes > 0) parts.push_back(fmt::format("{} {}", what, format_bytes(bytes)));
+  };
+  add("weights", weights);
+  add("gradients", gradients);
+  add("AdamW state", optimizer);
+  add("saved activations", activations);
+  add("logits", logits);
+  add("corpus", corpus);
+  std::string out;
+  for (size_t i = 0; i < parts.size(); ++i) out += (i ? ", " : "") + parts[i];
+  return out;
+}
+
+MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& registry, double corpus_bytes) {
+  const MoeLayerCounts moe = count_moe_layer(config, registry);
+  const bool language_model = config.model.vocab_size > 0;
+  const double element = static_cast<double>(dtype_size(language_model ? config.model.dtype : config.layer.dtype));
+  const double tokens = static_cast<double>(config.train.batch_size) * static_cast<double>(config.train.seq_len);
+  const double d = static_cast<double>(config.layer.d_model);
+  MemoryEstimate m;
+  if (language_model) {
+    const ModelCounts counts = count_model(config.model, moe, config.train.seq_len);
+    m.parameters = counts.total.sum() + counts.mtp_total.sum();  // MTP modules train with the model
+    // Each block saves its input, the attention's normed input, the residual after attention
+    // and the FFN's normed input: 4 rows of d_model per token, at least.
+    m.activations = 4 * tokens * d * static_cast<double>(config.model.n_layers) * element;
+    m.logits = tokens * static_cast<double>(config.model.vocab_size) * element;
+  } else {
+    m.parameters = static_cast<double>(moe.router + moe.routed_experts + moe.shared_experts + moe.balancers);
+    m.activations = 3 * tokens * d * element;  // the batch's inputs, targets and outputs
+  }
+  m.weights = m.parameters * element;
+  m.gradients = m.weights;
+  m.optimizer = 2 * m.weights;
+  m.corpus = corpus_bytes;
+  return m;
+}
+
+double machine_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  double bytes = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0;
+  // A container's limit (cgroup v2, then v1) when it is lower than the machine's memory.
+  for (const char* file : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(file);
+    double limit = 0;
+    if (in >> limit && limit > 0 && (bytes == 0 || limit < bytes)) bytes = limit;
+  }
+  return bytes;
+}
+
+void check_run(const RunConfig& config, const Recipe& recipe, const PluginRegistry& registry,
+               const CheckOptions& options) {
+  Diagnostics out;
+  check_trainable(config, recipe, out);
+  const double corpus = check_data(config, recipe, options, out);
+  const MemoryEstimate memory = estimate_memory(config, registry, corpus);
+  const double available = options.memory_bytes > 0 ? options.memory_bytes : machine_memory_bytes();
+  if (available > 0 && memory.total() > available) {
+    const char* key = dominant_key(memory);
+    out.add(first_set(recipe, {key, "model", "train"}), key,
+            fmt::format("this run needs at least {} of memory ({}; {:.4g} parameters), but {} has {}",
+                        format_bytes(memory.total()), memory.describe(), memory.parameters,
+                        options.memory_bytes > 0 ? "--memory-gib gives" : "this machine", format_bytes(available)),
+            "make the model, train.batch_size x train.seq_len or the corpus smaller; `moelab inspect` describes a "
+            "model of any size without allocating it");
+  }
+  out.throw_if_any();
+}
+
+}  // namespace moelab
