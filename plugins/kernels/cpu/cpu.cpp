@@ -566,7 +566,7 @@ constexpr int64_t kSmallGroupMaxRows = 128;
 // forward 0.79-0.80 -> 0.85-0.87 of the dense rate, forward+backward 0.83-0.85 -> 0.87-0.90. Passes
 // of 128 rows were slower than OpenBLAS (0.75): 8 vectors of x rows make 3-row tiles.
 constexpr int64_t kSmallGroupL2MaxRows = 1024;
-constexpr int64_t kNtLargePassRows = 64;
+[[maybe_unused]] constexpr int64_t kNtLargePassRows = 64;  // used only where MOELAB_CPU_MULTIVERSION
 
 // Three quarters of the L2 cache, in floats (0 where the system does not say).
 int64_t l2_weight_floats() {
