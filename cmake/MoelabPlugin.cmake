@@ -1,4 +1,6 @@
 # moelab_add_plugin(NAME KIND SOURCES ... [LIBRARIES ...] [OUTPUT_DIR dir] [NO_INSTALL])
+# moelab_add_conformance_test(NAME KIND [ARGS ...]): a ctest test, conformance_NAME, that runs
+# `moelab test-plugin NAME --kind KIND --path <the plugin's build folder> ARGS...`.
 # Builds one plugin as a loadable module named moelab_<kind>_<name>.so. Used both in this tree
 # and, through find_package(moelab), by out-of-tree plugins. KIND: router, experts, balancer, kernel.
 include_guard(GLOBAL)
@@ -47,4 +49,20 @@ function(moelab_add_plugin name kind)
   if(NOT ARG_OUTPUT_DIR)
     set_property(GLOBAL APPEND PROPERTY MOELAB_PLUGIN_TARGETS ${target})
   endif()
+endfunction()
+
+# The conformance kit on a plugin built by moelab_add_plugin: `moelab test-plugin` (the moelab of
+# this build tree, or the installed one found by find_package(moelab)) with the plugin's folder on
+# its search path.
+function(moelab_add_conformance_test name kind)
+  set(target moelab_${kind}_${name})
+  if(TARGET moelab_cli)
+    set(moelab_command "$<TARGET_FILE:moelab_cli>")
+  elseif(DEFINED MOELAB_EXECUTABLE)
+    set(moelab_command "${MOELAB_EXECUTABLE}")
+  else()
+    message(FATAL_ERROR "moelab_add_conformance_test(${name} ${kind}): no moelab executable (find_package(moelab) sets MOELAB_EXECUTABLE)")
+  endif()
+  add_test(NAME conformance_${name}
+           COMMAND "${moelab_command}" test-plugin ${name} --kind ${kind} --path "$<TARGET_FILE_DIR:${target}>" ${ARGN})
 endfunction()

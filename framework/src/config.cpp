@@ -704,6 +704,22 @@ void read_model(Validator& check, const Recipe& recipe, const ParamSet& values, 
 
 }  // namespace
 
+ParamValue parse_param_text(const ParamSpec& spec, const std::string& text) {
+  toml::table parsed;
+  try {
+    parsed = toml::parse("value = " + text);
+  } catch (const toml::parse_error&) {
+    parsed = toml::table{{"value", text}};  // a bare word is a string, as in --set
+  }
+  const toml::node* node = parsed.get("value");
+  std::optional<ParamValue> value = node ? to_param_value(*node, spec.type) : std::nullopt;
+  if (!value) throw UsageError(fmt::format("{}: expected {}, got '{}'", spec.name, param_type_name(spec.type), text));
+  ParamValue declared = as_declared(spec, std::move(*value));
+  if (const std::string problem = check_param_value(spec, declared); !problem.empty())
+    throw UsageError(fmt::format("{}: {}", spec.name, problem));
+  return declared;
+}
+
 RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
   Diagnostics diagnostics;
   Validator check(recipe, registry, diagnostics);

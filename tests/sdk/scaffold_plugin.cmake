@@ -37,6 +37,9 @@ endif()
 sdk_run(STEP "configure the scaffolded project" COMMAND "${CMAKE_COMMAND}" ${configure_args})
 sdk_run(STEP "build the scaffolded project" COMMAND "${CMAKE_COMMAND}" --build "${build}")
 sdk_run(STEP "the scaffolded project's test" COMMAND "${CMAKE_CTEST_COMMAND}" --test-dir "${build}" --output-on-failure)
+# Its tests include moelab's conformance kit (moelab test-plugin through moelab_add_conformance_test).
+sdk_expect_contains("the scaffolded project's test" "${sdk_stdout}" "conformance_${NAME} ")
+sdk_expect_contains("the scaffolded project's test" "${sdk_stdout}" "100% tests passed")
 
 # The installed moelab finds the new plugin through MOELAB_PLUGIN_PATH, with no warnings.
 sdk_run(STEP "moelab plugins --describe" COMMAND "${CMAKE_COMMAND}" -E env "MOELAB_PLUGIN_PATH=${build}"

@@ -438,6 +438,21 @@ TEST_CASE("a fixture router made through the registry routes and differentiates 
   CHECK(info.library.use_count() == library_holders);
 }
 
+// `env ENV moelab ARGUMENTS` (ENV: assignments, e.g. "MOELAB_PLUGIN_PATH=/x"): exit status and
+// output (stdout and stderr).
+static std::pair<int, std::string> moelab_cli(const std::string& env, const std::string& arguments) {
+  const std::string command =
+      "env " + env + " '" + (fs::path(MOELAB_BINARY_DIR) / "bin" / "moelab").string() + "' " + arguments + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::string output;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
 TEST_CASE("CLI: no command runs a refused plugin's code; duplicates and missing folders are named in check") {
   const fs::path dir = fs::temp_directory_path() / ("moelab_cli_plugins_" + std::to_string(::getpid()));
   fs::create_directories(dir);
@@ -445,16 +460,7 @@ TEST_CASE("CLI: no command runs a refused plugin's code; duplicates and missing 
   const std::string env = "MOELAB_FIXTURE_MARKER=" + marker.string() + " MOELAB_PLUGIN_PATH=";
   const std::string recipe = std::string(MOELAB_SOURCE_DIR) + "/recipes/default.toml";
   auto moelab = [&](const std::string& path, const std::string& arguments) {
-    const std::string command = "env " + env + path + " '" + (fs::path(MOELAB_BINARY_DIR) / "bin" / "moelab").string() +
-                                "' " + arguments + " 2>&1";
-    FILE* pipe = popen(command.c_str(), "r");
-    REQUIRE(pipe != nullptr);
-    std::string output;
-    char buffer[4096];
-    size_t n;
-    while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
-    const int status = pclose(pipe);
-    return std::pair<int, std::string>{WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+    return moelab_cli(env + path, arguments);
   };
   const std::string abi = std::string(MOELAB_FIXTURE_ABI_DIR) + ":" + MOELAB_FIXTURE_BROKEN_DIR;
   for (const std::string& command :
@@ -526,4 +532,35 @@ TEST_CASE("CLI: no command runs a refused plugin's code; duplicates and missing 
   CHECK(status3 == 0);
   CHECK(contains(output3, "fixture_top1"));
   fs::remove_all(dir);
+}
+
+// Issue 11, point 11: the conformance kit, as an out-of-tree author runs it.
+TEST_CASE("moelab test-plugin: a correct router passes every check, a wrong gradient fails by name") {
+  auto run = [](const std::string& arguments) { return moelab_cli("MOELAB_PLUGIN_PATH=", arguments); };
+  const auto [good, good_output] = run("test-plugin fixture_top1 --path " MOELAB_FIXTURE_GOOD_DIR " --settings 1");
+  CAPTURE(good_output);
+  CHECK(good == 0);
+  CHECK(contains(good_output, "pass  plan"));
+  CHECK(contains(good_output, "pass  gradients   [defaults] reroute, evaluation: max relative error"));
+  CHECK(contains(good_output, "pass  gradients   [drawn 1: init_std="));
+  CHECK(contains(good_output,
+                 "router 'fixture_top1' (" MOELAB_FIXTURE_GOOD_DIR "/libmoelab_router_fixture_top1.so): 17 "
+                 "checks, 0 failed"));
+
+  const auto [wrong, wrong_output] = run("test-plugin wrong_gradient --path " MOELAB_FIXTURE_WRONG_DIR " --settings 0");
+  CAPTURE(wrong_output);
+  CHECK(wrong == 1);
+  CHECK(contains(wrong_output, "FAIL  gradients   [defaults] dropless, training: max relative error"));
+  CHECK(contains(wrong_output, "worst router.weight["));
+  CHECK(contains(wrong_output, "6 failed"));
+
+  // Usage mistakes exit 2 with what to do.
+  const auto [unknown, unknown_output] = run("test-plugin no_such_plugin");
+  CHECK(unknown == 2);
+  const auto [bad_key, bad_key_output] = run("test-plugin softmax_topk --set tmperature=2");
+  CAPTURE(bad_key_output);
+  CHECK(bad_key == 2);
+  CHECK(contains(bad_key_output, "did you mean 'temperature'?"));
+  const auto [bad_value, bad_value_output] = run("test-plugin softmax_topk --set temperature=x");
+  CHECK(bad_value == 2);
 }

@@ -922,6 +922,8 @@ if(BUILD_TESTING)
   add_dependencies(test_@NAME@ moelab_@KIND@_@NAME@)
   moelab_warnings(test_@NAME@)
   add_test(NAME test_@NAME@ COMMAND test_@NAME@)
+  # moelab's conformance kit on the plugin: every check the in-tree plugins pass (moelab test-plugin).
+  moelab_add_conformance_test(@NAME@ @KIND@)
 endif()
 )tmpl";
 
@@ -965,6 +967,11 @@ and name it in a recipe (paths are relative to the recipe file):
   `moelab plugins --describe @NAME@` shows it.
 - Every forward has a backward; the test checks it against finite differences in double. Keep it
   passing when you change the maths.
+- `ctest` also runs moelab's conformance kit on the plugin (`conformance_@NAME@`, which is
+  `moelab test-plugin @NAME@ --kind @KIND@ --path build`): the checks every in-tree plugin passes
+  (gradients under each capacity policy, for settings drawn from your schema; the routing plan's
+  contract; determinism; for a kernel, every Ops slot against the cpu kernel). Run it by hand with
+  `--set key=value` to fix a parameter and `--settings N` for more drawn settings.
 - The plugin is built for moelab's plugin ABI (`moelab version` prints it). When moelab's ABI major
   changes, moelab refuses this library and says so: rebuild it against the new SDK.
 )tmpl";

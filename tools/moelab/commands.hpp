@@ -16,6 +16,7 @@ int cmd_inspect(const Args& args);
 int cmd_plugins(const Args& args);
 int cmd_new(const Args& args);
 int cmd_layer(const Args& args);
+int cmd_test_plugin(const Args& args);
 int cmd_version(const Args& args);
 
 }  // namespace moelab::cli

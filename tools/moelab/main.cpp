@@ -23,6 +23,7 @@ const Subcommand kSubcommands[] = {
     {"layer", moelab::cli::cmd_layer, "run one MoE layer on a tensor file, weights from safetensors"},
     {"plugins", moelab::cli::cmd_plugins, "list the plugins found, or describe one"},
     {"new", moelab::cli::cmd_new, "scaffold an out-of-tree plugin project"},
+    {"test-plugin", moelab::cli::cmd_test_plugin, "run the conformance kit (gradients, contracts) on a plugin"},
     {"version", moelab::cli::cmd_version, "print the version and plugin ABI"},
 };
 

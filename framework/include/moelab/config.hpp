@@ -174,6 +174,11 @@ struct RunConfig {
 // unknown plugins with the known names, cross-field rules), each at file:line:column.
 RunConfig build_config(Recipe& recipe, PluginRegistry& registry);
 
+// A plugin parameter's value from its text as TOML (a bare word is a string), checked against its
+// spec as a recipe's value is: UsageError naming the key otherwise. For `--set key=value` outside
+// recipes (moelab test-plugin).
+ParamValue parse_param_text(const ParamSpec& spec, const std::string& text);
+
 // The core sections' schemas (for docs and `moelab plugins --describe core`).
 struct SectionSchema {
   std::string key;  // "", "model", "moe", "train", ...
