@@ -807,6 +807,93 @@ void check_cross_entropy(Harness& h) {
 
 // --- the table and the driver ---------------------------------------------------------------------
 
+// --- routing maths (ABI 4.0) ------------------------------------------------------------------------
+
+void check_exp_log(Harness& h) {
+  const Tensor x = h.normal({kRows, kCols}), positive = h.positive({kRows, kCols}), dy = h.normal({kRows, kCols});
+  h.compare("exp", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor y = ops.empty(h.dtype, x.shape());
+    ops.exp(input(ops, x), y);
+    return {out(ops, "y", y)};
+  });
+  h.compare("log", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor y = ops.empty(h.dtype, x.shape());
+    ops.log(input(ops, positive), y);
+    return {out(ops, "y", y)};
+  });
+  for (const bool accumulate : {false, true}) {
+    const Tensor dx0 = h.normal(x.shape());
+    h.compare(named("exp_backward", {accumulate ? "accumulate" : ""}), Kind::plain, [&](Ops& ops) -> Outputs {
+      Tensor dx = accumulate ? initial(ops, dx0) : ops.empty(h.dtype, x.shape());
+      ops.exp_backward(input(ops, positive), input(ops, dy), accumulate, dx);
+      return {out(ops, "dx", dx)};
+    });
+    h.compare(named("log_backward", {accumulate ? "accumulate" : ""}), Kind::plain, [&](Ops& ops) -> Outputs {
+      Tensor dx = accumulate ? initial(ops, dx0) : ops.empty(h.dtype, x.shape());
+      ops.log_backward(input(ops, positive), input(ops, dy), accumulate, dx);
+      return {out(ops, "dx", dx)};
+    });
+  }
+}
+
+void check_divide(Harness& h) {
+  const Tensor a = h.normal({kRows, kCols}), b = h.positive({kRows, kCols}), dy = h.normal({kRows, kCols});
+  h.compare("divide", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor quotient = ops.empty(h.dtype, a.shape());
+    ops.divide(input(ops, a), input(ops, b), quotient);
+    return {out(ops, "out", quotient)};
+  });
+  for (const bool accumulate : {false, true}) {
+    const Tensor da0 = h.normal(a.shape()), db0 = h.normal(a.shape());
+    h.compare(named("divide_backward", {accumulate ? "accumulate" : ""}), Kind::plain, [&](Ops& ops) -> Outputs {
+      Tensor da = accumulate ? initial(ops, da0) : ops.empty(h.dtype, a.shape());
+      Tensor db = accumulate ? initial(ops, db0) : ops.empty(h.dtype, a.shape());
+      ops.divide_backward(input(ops, a), input(ops, b), input(ops, dy), accumulate, &da, &db);
+      return {out(ops, "da", da), out(ops, "db", db)};
+    });
+  }
+}
+
+void check_scale_columns(Harness& h) {
+  const Tensor s = h.normal({kCols}), x = h.normal({kRows, kCols}), dy = h.normal({kRows, kCols});
+  h.compare("scale_columns", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor y = initial(ops, x);
+    ops.scale_columns(input(ops, s), y);
+    return {out(ops, "y", y)};
+  });
+  for (const bool accumulate : {false, true}) {
+    const Tensor dx0 = h.normal(x.shape()), ds0 = h.normal({kCols});
+    h.compare(named("scale_columns_backward", {accumulate ? "accumulate" : ""}), Kind::plain, [&](Ops& ops) -> Outputs {
+      Tensor dx = accumulate ? initial(ops, dx0) : ops.empty(h.dtype, x.shape());
+      Tensor ds = accumulate ? initial(ops, ds0) : ops.empty(h.dtype, {kCols});
+      ops.scale_columns_backward(input(ops, x), input(ops, s), input(ops, dy), accumulate, dx, ds);
+      return {out(ops, "dx", dx), out(ops, "ds", ds)};
+    });
+  }
+}
+
+void check_row_sums_max_threshold(Harness& h) {
+  const Tensor x = h.normal({kRows, kExperts}), threshold = h.normal({kRows}, 0.5);
+  for (const bool accumulate : {false, true}) {
+    const Tensor out0 = h.normal({kRows});
+    h.compare(named("row_sums", {accumulate ? "accumulate" : ""}), Kind::plain, [&](Ops& ops) -> Outputs {
+      Tensor sums = accumulate ? initial(ops, out0) : ops.empty(h.dtype, {kRows});
+      ops.row_sums(input(ops, x), accumulate, sums);
+      return {out(ops, "out", sums)};
+    });
+  }
+  h.compare("max_rows", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor values = ops.empty(h.dtype, {kRows}), indices = ops.empty(DType::i32, {kRows});
+    ops.max_rows(input(ops, x), values, indices);
+    return {out(ops, "values", values), out(ops, "indices", indices)};
+  });
+  h.compare("threshold_rows", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor mask = ops.empty(h.dtype, x.shape());
+    ops.threshold_rows(input(ops, x), input(ops, threshold), mask);
+    return {out(ops, "mask", mask)};
+  });
+}
+
 struct SlotCheck {
   const char* name;  // names the check's random stream, and the result when the check itself throws
   void (*run)(Harness&);
@@ -846,6 +933,10 @@ constexpr SlotCheck kSlotChecks[] = {
     {"rope", check_rope},
     {"causal_attention", check_causal_attention},
     {"cross_entropy", check_cross_entropy},
+    {"exp_log", check_exp_log},
+    {"divide", check_divide},
+    {"scale_columns", check_scale_columns},
+    {"row_sums_max_threshold", check_row_sums_max_threshold},
 };
 
 // The random stream of a check in a dtype: FNV-1a of its name, so that streams do not depend on

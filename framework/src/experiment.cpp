@@ -94,6 +94,11 @@ json::object layer_json(const LayerStats& s, const std::vector<int64_t>& dead) {
   json::object losses;
   for (const auto& [name, value] : s.balancer_losses) losses[name] = value;
   o["balancer_losses"] = std::move(losses);
+  if (!s.plugin_metrics.empty()) {
+    json::object figures;
+    for (const auto& [name, value] : s.plugin_metrics) figures[name] = value;
+    o["plugin_metrics"] = std::move(figures);
+  }
   return o;
 }
 

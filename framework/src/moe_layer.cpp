@@ -365,8 +365,24 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
     stats_.aux_loss += loss;
   }
   if (input.training) dead_.record(stats_.tokens_per_expert, tokens);
+  collect_plugin_metrics();
   saved_ = std::move(saved);
   return y;
+}
+
+void MoeLayer::collect_plugin_metrics() {
+  stats_.plugin_metrics.clear();
+  const auto add = [&](const std::string& tag, const std::string& prefix, const Module& plugin) {
+    const auto figures = in_plugin(tag, "metrics", [&] { return plugin.metrics(); });
+    for (const auto& [name, value] : figures) {
+      MOELAB_CHECK(std::isfinite(value), "{}: metrics: '{}' is {}, not a finite number", tag, name, value);
+      stats_.plugin_metrics.emplace_back(prefix + name, value);
+    }
+  };
+  add(router_tag_, "router." + config_.router.type + ".", *router_);
+  add(experts_tag_, "experts." + config_.experts.type + ".", *experts_);
+  for (size_t i = 0; i < balancers_.size(); ++i)
+    add(balancer_tags_[i], "balancers." + balancer_names_[i] + ".", *balancers_[i]);
 }
 
 Tensor MoeLayer::backward(const Tensor& dy) {

@@ -12,32 +12,13 @@
 #include <vector>
 
 #include "moelab/kernel.hpp"
+#include "ops_host.hpp"
 
 namespace moelab {
-namespace {
 
-template <class F>
-void with_float_type(DType dtype, const char* op, F&& f) {
-  if (dtype == DType::f32)
-    f(float{});
-  else if (dtype == DType::f64)
-    f(double{});
-  else
-    throw RuntimeError(fmt::format("{}: dtype {} is not supported", op, dtype_name(dtype)));
-}
-
-void check_same(const Tensor& a, const Tensor& b, const char* op) {
-  if (a.shape() != b.shape() || a.dtype() != b.dtype())
-    throw RuntimeError(fmt::format("{}: operands differ: {} vs {}", op, a.describe(), b.describe()));
-}
-
-// Writes a host result back into `dst`, which may live on the device.
-void store(Ops& ops, const Tensor& host, Tensor& dst) {
-  if (dst.device() == DeviceKind::cpu && host.raw() == dst.raw()) return;
-  ops.copy(host, dst);
-}
-
-}  // namespace
+using host_ops::check_same;
+using host_ops::store;
+using host_ops::with_float_type;
 
 void Ops::mul(const Tensor& a, const Tensor& b, Tensor& out) {
   check_same(a, b, "mul");

@@ -141,6 +141,36 @@ class Ops {
   virtual void grouped_topk_rows(const Tensor& scores, int k, const Tensor* bias, int groups, int keep_groups,
                                  int group_top, Tensor& values, Tensor& indices);
 
+  // --- routing maths (optional slots, ABI 4.0) ---------------------------------------------
+  // What routers from the literature compute beyond top-k: Sinkhorn / BASE balancing (iterated
+  // row and column scaling of exp(logits)), soft MoE's dispatch and combine weights (softmax over
+  // tokens and over slots, with transpose and gemm), threshold routing (a mask, per-row counts).
+  // Every differentiable op has its backward beside it. Shapes match elementwise unless stated;
+  // y may alias x.
+  // y = exp(x);  dx (+)= y * dy.
+  virtual void exp(const Tensor& x, Tensor& y);
+  virtual void exp_backward(const Tensor& y, const Tensor& dy, bool accumulate, Tensor& dx);
+  // y = log(x) (x > 0);  dx (+)= dy / x.
+  virtual void log(const Tensor& x, Tensor& y);
+  virtual void log_backward(const Tensor& x, const Tensor& dy, bool accumulate, Tensor& dx);
+  // out = a / b;  da (+)= dy / b,  db (+)= -dy * a / b^2  (either gradient may be null).
+  virtual void divide(const Tensor& a, const Tensor& b, Tensor& out);
+  virtual void divide_backward(const Tensor& a, const Tensor& b, const Tensor& dy, bool accumulate, Tensor* da,
+                               Tensor* db);
+  // y[:, c] *= s[c]  (y [R, C], s [C]): column scaling, as scale_rows scales rows. Its backward,
+  // for y = x * s: dx (+)= dy * s (column-wise), ds (+)= sum_r dy[r, c] x[r, c].
+  virtual void scale_columns(const Tensor& s, Tensor& y);
+  virtual void scale_columns_backward(const Tensor& x, const Tensor& s, const Tensor& dy, bool accumulate, Tensor& dx,
+                                      Tensor& ds);
+  // out[r] = sum_c x[r, c]  (x [R, C], out [R]): row sums (sum_rows gives column sums).
+  virtual void row_sums(const Tensor& x, bool accumulate, Tensor& out);
+  // Per row, the largest entry and its column (ties: lower column): values [R] (x's dtype) and
+  // indices i32 [R]. Backward: dx[r, indices[r]] += dvalues[r] (scatter_add_elements).
+  virtual void max_rows(const Tensor& x, Tensor& values, Tensor& indices);
+  // mask = 1 where x >= threshold[r] of its row (threshold [R]), else 0 (x's dtype). A selection:
+  // it has no gradient.
+  virtual void threshold_rows(const Tensor& x, const Tensor& threshold, Tensor& mask);
+
   // --- transformer ops (optional slots; the language-model trainer's building blocks) -------
   // dst[:, dst_col + j] (+)= src[:, src_col + j] for j < width; src [R, Cs], dst [R, Cd]. Splits
   // and concatenations along columns (fused projections, MLA's nope/rope halves) and their backward.

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moelab/kernel.hpp"
@@ -43,6 +44,10 @@ class Module {
   virtual ~Module() = default;
   // Every trainable parameter, in a stable order. Non-trainable state is not listed here.
   virtual std::vector<Parameter*> parameters() { return {}; }
+  // Figures a plugin reports about its last forward (Sinkhorn's iterations and residual, the norm
+  // of a bias): the MoE layer writes each to metrics.jsonl as "<role>.<plugin>.<name>", e.g.
+  // "router.sinkhorn.iterations", in every train line's layer entry. Finite numbers; none by default.
+  virtual std::vector<std::pair<std::string, double>> metrics() const { return {}; }
 };
 
 // Allocates a parameter on `ops`'s device with its gradient zeroed, initialised on the host from

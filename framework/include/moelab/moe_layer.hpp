@@ -37,7 +37,10 @@ struct LayerStats {
   // when nothing is dropped or rerouted.
   double routed_max_violation = 0;
   std::vector<std::pair<std::string, double>> balancer_losses;  // (balancer name, loss)
-  double aux_loss = 0;                                          // sum of balancer losses
+  // What the router, the expert layout and the balancers report through Module::metrics():
+  // ("router.sinkhorn.iterations", 7), ("balancers.aux_free_bias.bias_abs_max", 0.02), ...
+  std::vector<std::pair<std::string, double>> plugin_metrics;
+  double aux_loss = 0;  // sum of balancer losses
 };
 
 // Counts, over a sliding window of tokens, which experts received none: the dead experts.
@@ -115,6 +118,7 @@ class MoeLayer : public Module {
 
  private:
   struct Saved;
+  void collect_plugin_metrics();  // stats_.plugin_metrics from every plugin's metrics()
   MoeConfig config_;
   LayerSpec spec_;
   Ops& ops_;

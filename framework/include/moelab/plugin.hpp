@@ -32,7 +32,10 @@ namespace moelab {
 
 // Major: any change to the layout of PluginManifest or to a plugin interface's virtual functions.
 // Minor: additions that old plugins need not know about.
-inline constexpr uint32_t kAbiMajor = 3;  // 2: transformer ops slots in Ops; 3: the stamp, ParamSpec::min_exclusive
+// 2: transformer ops slots in Ops; 3: the stamp, ParamSpec::min_exclusive; 4: routing-maths slots
+// in Ops (exp, log, divide, column scaling, row sums and maxima, thresholds), and metrics() on
+// Router and Balancer
+inline constexpr uint32_t kAbiMajor = 4;
 inline constexpr uint32_t kAbiMinor = 0;
 
 enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4 };

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <moelab/plugin.hpp>
 #include <numeric>
 
@@ -61,12 +62,18 @@ class AuxFreeBias final : public Balancer {
       const double sign = gap > 0 ? 1.0 : (gap < 0 ? -1.0 : 0.0);
       set_host_value(bias, i, host_value(bias, i) + gamma_ * sign);
     }
+    bias_abs_max_ = 0;
+    for (int64_t i = 0; i < experts_; ++i) bias_abs_max_ = std::max(bias_abs_max_, std::abs(host_value(bias, i)));
     ops.copy(bias, expert_bias);
     std::fill(window_load_.begin(), window_load_.end(), 0);
     steps_in_window_ = 0;
   }
 
+  // The bias after the last update: metrics.jsonl's balancers.aux_free_bias.bias_abs_max.
+  std::vector<std::pair<std::string, double>> metrics() const override { return {{"bias_abs_max", bias_abs_max_}}; }
+
  private:
+  double bias_abs_max_ = 0;
   double gamma_;
   int64_t update_every_;
   int64_t experts_;
