@@ -117,7 +117,8 @@ Settings settings_of(const PluginInfo& info, const ConformanceOptions& options, 
   ParamSet base = defaults_of(info.schema);
   std::set<std::string> fixed;
   std::string fixed_label;
-  for (const auto& [key, text] : options.overrides) {
+  for (const auto& entry : options.overrides) {
+    const std::string &key = entry.first, &text = entry.second;  // named: clang 14 lambdas cannot capture bindings
     const auto it =
         std::find_if(info.schema.begin(), info.schema.end(), [&](const ParamSpec& p) { return p.name == key; });
     if (it == info.schema.end()) {
@@ -461,7 +462,8 @@ void layer_checks(const PluginRegistry& registry, const PluginInfo& info, const 
 void kernel_checks(const PluginRegistry& registry, const PluginInfo& info, const ConformanceOptions& options,
                    const std::function<void(ConformanceResult)>& emit) {
   ParamSet params = defaults_of(info.schema);
-  for (const auto& [key, text] : options.overrides) {
+  for (const auto& entry : options.overrides) {
+    const std::string &key = entry.first, &text = entry.second;  // named: clang 14 lambdas cannot capture bindings
     const auto it =
         std::find_if(info.schema.begin(), info.schema.end(), [&](const ParamSpec& p) { return p.name == key; });
     if (it == info.schema.end())
