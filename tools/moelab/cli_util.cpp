@@ -130,4 +130,19 @@ int guarded(const std::function<int()>& body) {
   }
 }
 
+int64_t integer_option(const ParsedArgs& parsed, const std::string& option, int64_t fallback, int64_t low) {
+  const auto text = parsed.option(option);
+  if (!text) return fallback;
+  size_t used = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(*text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text->size() || value < low)
+    throw UsageError(fmt::format("{}: expected an integer >= {}, got '{}'", option, low, *text));
+  return value;
+}
+
 }  // namespace moelab::cli

@@ -54,4 +54,8 @@ std::optional<size_t> sweep_point(const ParsedArgs& parsed, size_t points);
 // Prints "moelab: error: ..." lines to stderr.
 void print_error(const std::string& message);
 
+// The integer value of `option` (fallback when absent); UsageError "OPTION: expected an integer
+// >= LOW, got 'TEXT'" for text that is not one.
+int64_t integer_option(const ParsedArgs& parsed, const std::string& option, int64_t fallback, int64_t low);
+
 }  // namespace moelab::cli

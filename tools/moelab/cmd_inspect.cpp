@@ -68,21 +68,6 @@ boost::json::object memory_json(double params) {
       {"f32", count_json(params * 4, true)}, {"bf16", count_json(params * 2, true)}, {"fp8", count_json(params, true)}};
 }
 
-int64_t parse_seq_len(const ParsedArgs& parsed) {
-  const auto text = parsed.option("--seq-len");
-  if (!text) return kDefaultSeqLen;
-  size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(*text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text->size() || value < 1)
-    throw UsageError(fmt::format("--seq-len: expected a positive integer, got '{}'", *text));
-  return value;
-}
-
 }  // namespace
 
 int cmd_inspect(const Args& args) {
@@ -106,7 +91,7 @@ int cmd_inspect(const Args& args) {
     std::fputs(help_text(spec).c_str(), stdout);
     return kExitOk;
   }
-  const int64_t seq_len = parse_seq_len(parsed);
+  const int64_t seq_len = integer_option(parsed, "--seq-len", kDefaultSeqLen, 1);
   Recipe loaded = Recipe::load(parsed.positional[0], LoadOptions{parsed.all("--set")});
   std::vector<Recipe::SweepPoint> points = loaded.expand_sweep();
   const std::optional<size_t> point = sweep_point(parsed, points.size());

@@ -21,21 +21,6 @@ std::optional<PluginKind> kind_named(const std::string& text) {
   return std::nullopt;
 }
 
-int64_t parse_count(const ParsedArgs& parsed, const std::string& option, int64_t fallback, int64_t low) {
-  const auto text = parsed.option(option);
-  if (!text) return fallback;
-  size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(*text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text->size() || value < low)
-    throw UsageError(fmt::format("{}: expected an integer >= {}, got '{}'", option, low, *text));
-  return value;
-}
-
 }  // namespace
 
 int cmd_test_plugin(const Args& args) {
@@ -92,8 +77,8 @@ int cmd_test_plugin(const Args& args) {
       throw UsageError(fmt::format("--set: expected KEY=VALUE, got '{}'", assignment));
     options.overrides.emplace_back(assignment.substr(0, eq), assignment.substr(eq + 1));
   }
-  options.random_settings = static_cast<int>(parse_count(parsed, "--settings", 3, 0));
-  options.seed = static_cast<uint64_t>(parse_count(parsed, "--seed", 1, 0));
+  options.random_settings = static_cast<int>(integer_option(parsed, "--settings", 3, 0));
+  options.seed = static_cast<uint64_t>(integer_option(parsed, "--seed", 1, 0));
   const bool json = parsed.flag("--json");
 
   const ConformanceReport report = run_conformance(registry, *kind, name, options, [&](const ConformanceResult& r) {
