@@ -2,7 +2,7 @@
 # moelab_add_conformance_test(NAME KIND [ARGS ...]): a ctest test, conformance_NAME, that runs
 # `moelab test-plugin NAME --kind KIND --path <the plugin's build folder> ARGS...`.
 # Builds one plugin as a loadable module named moelab_<kind>_<name>.so. Used both in this tree
-# and, through find_package(moelab), by out-of-tree plugins. KIND: router, experts, balancer, kernel.
+# and, through find_package(moelab), by out-of-tree plugins. KIND: router, experts, balancer, kernel, comm.
 include_guard(GLOBAL)
 
 function(moelab_warnings target)
@@ -16,8 +16,8 @@ endfunction()
 
 function(moelab_add_plugin name kind)
   cmake_parse_arguments(ARG "NO_INSTALL" "OUTPUT_DIR" "SOURCES;LIBRARIES" ${ARGN})
-  if(NOT kind MATCHES "^(router|experts|balancer|kernel)$")
-    message(FATAL_ERROR "moelab_add_plugin(${name} ${kind}): KIND must be router, experts, balancer or kernel")
+  if(NOT kind MATCHES "^(router|experts|balancer|kernel|comm)$")
+    message(FATAL_ERROR "moelab_add_plugin(${name} ${kind}): KIND must be router, experts, balancer, kernel or comm")
   endif()
   if(NOT ARG_SOURCES)
     message(FATAL_ERROR "moelab_add_plugin(${name} ${kind}): no SOURCES given")

@@ -45,6 +45,10 @@ const char* norm_name(NormKind norm) {
   return "?";
 }
 
+const char* capacity_scope_name(CapacityScope scope) {
+  return scope == CapacityScope::local ? "local" : "global";
+}
+
 const char* overflow_name(Overflow overflow) {
   switch (overflow) {
     case Overflow::drop:
@@ -247,6 +251,16 @@ std::vector<SectionSchema> core_schema() {
         param_int("clusters", 8, "clusters of the token mixture, each with its own teacher").range(1, kMaxDomains),
         param_float("noise", 0.01, "standard deviation of the target noise").at_least(0)}},
       {"output", {param_string("dir", "runs", "parent folder of run folders, relative to the working directory")}},
+      {"parallel",
+       {param_int("expert", 1, "ranks the routed experts are split over (expert parallelism); divides num_experts")
+            .range(1, kMaxCount),
+        param_int("data", 0,
+                  "replicas of each expert (data parallelism); expert x data = the ranks mpirun starts; 0: "
+                  "ranks / expert")
+            .range(0, kMaxCount),
+        param_string("comm", "auto", "communicator plugin: mpi, local, or auto (mpi when started by mpirun)"),
+        param_choice("capacity", "global", {"global", "local"},
+                     "expert capacity over the global batch (as one process) or over each rank's tokens")}},
   };
 }
 
@@ -931,6 +945,24 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     const ParamSet values = check.params(*output, "output", schema_of(sections, "output"), {});
     read_value(values, "dir", config.output_dir);
   }
+  if (toml::table* parallel = check.section(root, "", "parallel")) {
+    const ParamSet values = check.params(*parallel, "parallel", schema_of(sections, "parallel"), {});
+    ParallelConfig& p = config.parallel;
+    read_value(values, "expert", p.expert);
+    read_value(values, "data", p.data);
+    read_value(values, "comm", p.comm);
+    if (values.has("capacity"))
+      p.capacity = values.get_string("capacity") == "local" ? CapacityScope::local : CapacityScope::global;
+    if (p.comm != "auto" && registry.find(PluginKind::comm, p.comm) == nullptr) {
+      try {
+        registry.require(PluginKind::comm, p.comm);
+      } catch (const UsageError& e) {
+        check.error("parallel.comm", e.what(),
+                    p.comm == "mpi" ? "install Open MPI (tools/setup-deps) and rebuild, or use comm = \"local\""
+                                    : "use \"auto\", \"mpi\" or \"local\"");
+      }
+    }
+  }
 
   // --- the layer as the plugins see it, and their own cross-field rules ------------------------------
   // Only when the values they would read are valid: a check on a bad value repeats its error.
@@ -950,6 +982,11 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
           fmt::format("the '{}' layout turns num_experts = {}, top_k = {} into {} experts, top_k {}, which "
                       "is not a valid layer (1 <= top_k <= num_experts)",
                       config.moe.experts.type, stated.num_experts, stated.top_k, layer.num_experts, layer.top_k));
+    if (layer.num_experts % config.parallel.expert != 0)
+      check.error(
+          "parallel.expert",
+          fmt::format("{} experts cannot be split evenly over {} ranks", layer.num_experts, config.parallel.expert),
+          fmt::format("choose parallel.expert among the divisors of {}", layer.num_experts));
     check.plugin_check(*router_info, config.moe.router, layer);
     for (size_t i = 0; i < balancer_infos.size(); ++i)
       check.plugin_check(*balancer_infos[i], config.moe.balancers[i], layer);

@@ -499,6 +499,8 @@ ConformanceReport run_conformance(const PluginRegistry& registry, PluginKind kin
   };
   if (kind == PluginKind::kernel)
     kernel_checks(registry, info, options, emit);
+  else if (kind == PluginKind::comm)
+    conformance_detail::comm_checks(registry, info, emit);
   else
     layer_checks(registry, info, options, emit);
   return report;

@@ -2,10 +2,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "moelab/conformance.hpp"
 #include "moelab/kernel.hpp"
+#include "moelab/registry.hpp"
 
 namespace moelab::conformance_detail {
 
@@ -24,5 +27,9 @@ struct SlotResult {
 
 // Every slot of Ops, on f32 and f64 inputs drawn from Rng(seed), `kernel` against `reference`.
 std::vector<SlotResult> compare_kernel_slots(Ops& kernel, Ops& reference, uint64_t seed);
+
+// Every collective of a comm plugin, on the world the kit runs in (conformance_comm.cpp).
+void comm_checks(const PluginRegistry& registry, const PluginInfo& info,
+                 const std::function<void(ConformanceResult)>& emit);
 
 }  // namespace moelab::conformance_detail

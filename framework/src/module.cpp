@@ -99,6 +99,8 @@ const char* plugin_kind_name(PluginKind kind) {
       return "balancer";
     case PluginKind::kernel:
       return "kernel";
+    case PluginKind::comm:
+      return "comm";
   }
   return "unknown";
 }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "moe_layer_internal.hpp"
 #include "moelab/registry.hpp"
 
 namespace moelab {
@@ -44,6 +45,32 @@ int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double facto
   return static_cast<int64_t>(
       std::ceil(static_cast<double>(tokens) * static_cast<double>(k) / static_cast<double>(experts) * factor));
 }
+
+namespace {
+
+// From d.final_expert: the load, offsets and rows of the dispatch, grouped by expert, the rows of
+// an expert in assignment order (stable).
+void group_rows(const std::vector<int32_t>& token, int64_t experts, Dispatch& d) {
+  d.tokens_per_expert.assign(static_cast<size_t>(experts), 0);
+  for (int32_t e : d.final_expert)
+    if (e >= 0) ++d.tokens_per_expert[static_cast<size_t>(e)];
+  d.offsets.assign(static_cast<size_t>(experts) + 1, 0);
+  for (int64_t e = 0; e < experts; ++e)
+    d.offsets[static_cast<size_t>(e) + 1] =
+        d.offsets[static_cast<size_t>(e)] + d.tokens_per_expert[static_cast<size_t>(e)];
+  d.order.assign(static_cast<size_t>(d.offsets.back()), 0);
+  d.source_token.assign(d.order.size(), 0);
+  std::vector<int64_t> cursor(d.offsets.begin(), d.offsets.end() - 1);
+  for (size_t a = 0; a < token.size(); ++a) {
+    const int32_t e = d.final_expert[a];
+    if (e < 0) continue;
+    const int64_t row = cursor[static_cast<size_t>(e)]++;
+    d.order[static_cast<size_t>(row)] = static_cast<int32_t>(a);
+    d.source_token[static_cast<size_t>(row)] = token[a];
+  }
+}
+
+}  // namespace
 
 Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
                        const std::vector<int32_t>& rank, int64_t experts, int64_t capacity, Overflow overflow,
@@ -98,30 +125,39 @@ Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int3
     ++d.dropped;
   }
 
-  d.offsets.assign(static_cast<size_t>(experts) + 1, 0);
-  for (int64_t e = 0; e < experts; ++e)
-    d.offsets[static_cast<size_t>(e) + 1] = d.offsets[static_cast<size_t>(e)] + load[static_cast<size_t>(e)];
-  d.order.assign(static_cast<size_t>(d.offsets.back()), 0);
-  d.source_token.assign(d.order.size(), 0);
-  std::vector<int64_t> cursor(d.offsets.begin(), d.offsets.end() - 1);
-  for (size_t a = 0; a < count; ++a) {  // stable: rows of an expert in assignment order
-    const int32_t e = d.final_expert[a];
-    if (e < 0) continue;
-    const int64_t row = cursor[static_cast<size_t>(e)]++;
-    d.order[static_cast<size_t>(row)] = static_cast<int32_t>(a);
-    d.source_token[static_cast<size_t>(row)] = token[a];
-  }
-  d.tokens_per_expert = load;
+  group_rows(token, experts, d);
   return d;
 }
 
-namespace {
-
-std::vector<int32_t> host_ints(Ops& ops, const Tensor& t) {
-  const Tensor h = ops.to_host(t);
-  const int32_t* p = h.data<int32_t>();
-  return std::vector<int32_t>(p, p + h.numel());
+Dispatch plan_dispatch_per_rank(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                                const std::vector<int32_t>& rank, int64_t experts, int64_t capacity, Overflow overflow,
+                                const Tensor& probs_host, int64_t tokens_per_rank) {
+  MOELAB_CHECK(tokens_per_rank > 0, "per-rank dispatch of {} tokens per rank", tokens_per_rank);
+  int64_t ranks = 0;
+  for (int32_t t : token) ranks = std::max<int64_t>(ranks, t / tokens_per_rank + 1);
+  std::vector<std::vector<int32_t>> members(static_cast<size_t>(ranks));  // the assignments of each rank
+  for (size_t a = 0; a < token.size(); ++a)
+    members[static_cast<size_t>(token[a] / tokens_per_rank)].push_back(static_cast<int32_t>(a));
+  Dispatch out;
+  out.final_expert.assign(token.size(), -1);
+  for (const std::vector<int32_t>& part : members) {
+    std::vector<int32_t> t, e, r;
+    for (int32_t a : part) {
+      t.push_back(token[static_cast<size_t>(a)]);
+      e.push_back(expert[static_cast<size_t>(a)]);
+      r.push_back(rank[static_cast<size_t>(a)]);
+    }
+    const Dispatch d = plan_dispatch(t, e, r, experts, capacity, overflow, probs_host);
+    for (size_t i = 0; i < part.size(); ++i) out.final_expert[static_cast<size_t>(part[i])] = d.final_expert[i];
+    out.dropped += d.dropped;
+    out.rerouted += d.rerouted;
+  }
+  group_rows(token, experts, out);  // the plans put together
+  return out;
 }
+
+namespace {
+using namespace moe_detail;
 
 // mean_prob[e] += probs[t, e] / T over probs_host [T, E]; returns the mean entropy of the rows.
 // Reads f32/f64 through a typed pointer: this visits every router probability of the step, and
@@ -151,51 +187,12 @@ double accumulate_prob_stats(const Tensor& probs_host, int64_t tokens, int64_t e
   return prob_stats(tokens, experts, mean_prob, [&probs_host](int64_t i) { return host_value(probs_host, i); });
 }
 
-Tensor upload_ints(Ops& ops, const std::vector<int32_t>& values) {
-  Tensor h = host_tensor(DType::i32, {static_cast<int64_t>(values.size())});
-  std::copy(values.begin(), values.end(), h.data<int32_t>());
-  return ops.to_device(h);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 
-struct MoeLayer::Saved {
-  Tensor x;
-  RoutingPlan plan;
-  LayerLoad load;
-  bool training = true;
-  int64_t step = 0, batch = 1, seq_len = 0;
-  const Tensor* token_ids = nullptr;
-  double capacity_factor = 1.0;
-  std::vector<int64_t> offsets;
-  std::vector<int32_t> final_expert;
-  Tensor order;         // [R] i32: assignment of each dispatched row
-  Tensor source_token;  // [R] i32
-  Tensor row_weight;    // [R]: combine weight of each dispatched row
-  Tensor x_sorted, y_sorted;
-  std::unique_ptr<ForwardContext> experts_context, shared_context;
-};
-
 namespace {
-
-// Runs a call into plugin code. Whatever it throws comes back naming the plugin, its file, the
-// layer and the call: a UsageError stays one (its diagnostics, when it has any, pass unchanged),
-// anything else becomes a RuntimeError.
-template <class F>
-decltype(auto) in_plugin(const std::string& tag, const char* call, F&& body) {
-  try {
-    return body();
-  } catch (const UsageError& e) {
-    if (!e.diagnostics().empty()) throw;
-    throw UsageError(fmt::format("{}, {}: {}", tag, call, e.what()));
-  } catch (const std::exception& e) {
-    throw RuntimeError(fmt::format("{}, {}: {}", tag, call, e.what()));
-  } catch (...) {
-    throw RuntimeError(fmt::format("{}, {}: threw something that is not a std::exception", tag, call));
-  }
-}
+using namespace moe_detail;
 
 std::string plugin_tag(const PluginRegistry& registry, PluginKind kind, const std::string& name, int64_t layer) {
   const PluginInfo& info = registry.require(kind, name);
@@ -205,18 +202,22 @@ std::string plugin_tag(const PluginRegistry& registry, PluginKind kind, const st
 
 }  // namespace
 
-MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng)
+MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng,
+                   const Parallel& parallel, CapacityScope capacity_scope)
     : config_(config),
       spec_(spec),
       ops_(ops),
       rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
-      dead_(spec.num_experts, config.dead_expert_window) {
+      dead_(spec.num_experts, config.dead_expert_window),
+      parallel_(&parallel),
+      capacity_scope_(capacity_scope) {
   Rng init = rng_.fork(1);
   experts_tag_ = plugin_tag(registry, PluginKind::experts, config.experts.type, spec_.layer_index);
   router_tag_ = plugin_tag(registry, PluginKind::router, config.router.type, spec_.layer_index);
   experts_ = in_plugin(experts_tag_, "constructor", [&] {
     return registry.make_experts(config.experts.type, config.experts.params, spec_, ops, init);
   });
+  if (parallel.expert_size() > 1) shard_experts(registry, ops);
   router_ = in_plugin(router_tag_, "constructor",
                       [&] { return registry.make_router(config.router.type, config.router.params, spec_, ops, init); });
   bool bias = false;
@@ -232,6 +233,20 @@ MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginR
 }
 
 MoeLayer::~MoeLayer() = default;
+
+bool MoeLayer::is_sharded(const Parameter* p) const {
+  return std::find(sharded_.begin(), sharded_.end(), p) != sharded_.end();
+}
+
+GradReduce MoeLayer::grad_reduce(const Parameter* p) const {
+  if (is_sharded(p)) return GradReduce::expert_replicas;
+  for (Parameter* q : router_->parameters())
+    if (q == p) return GradReduce::none;
+  for (const auto& b : balancers_)
+    for (Parameter* q : b->parameters())
+      if (q == p) return GradReduce::none;
+  return GradReduce::world;  // the layout's own: routed experts unsplit (one expert rank), shared experts
+}
 
 std::vector<Parameter*> MoeLayer::parameters() {
   std::vector<Parameter*> out = router_->parameters();
@@ -250,38 +265,24 @@ std::vector<std::pair<std::string, Parameter*>> MoeLayer::named_parameters() {
   return out;
 }
 
-Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
-  const int64_t tokens = x.dim(0), d = spec_.d_model, experts = spec_.num_experts;
-  expect_shape(x, {tokens, d}, "MoE layer input");
-  auto saved = std::make_unique<Saved>();
-  saved->x = x;
-  saved->training = input.training;
-  saved->step = input.step;
-  saved->batch = input.batch;
-  saved->seq_len = input.seq_len > 0 ? input.seq_len : tokens;
-  saved->token_ids = input.token_ids;
-  saved->capacity_factor = input.training ? config_.capacity_factor : config_.eval_capacity_factor;
+RouterContext MoeLayer::context(Rng& step_rng, bool training, int64_t step, int64_t batch, int64_t seq_len,
+                                const Tensor* token_ids, double capacity_factor) {
+  return RouterContext{ops_,           step_rng, training,  step,
+                       batch,          seq_len,  token_ids, expert_bias_.defined() ? &expert_bias_ : nullptr,
+                       capacity_factor};
+}
 
-  // The routing noise of a step is a function of (seed, layer, step, training): a forward can be
-  // repeated exactly (gradient checks, resume).
-  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(input.step) + (input.training ? 1 : 0));
-  RouterContext ctx{ops_,
-                    step_rng,
-                    input.training,
-                    input.step,
-                    input.batch,
-                    saved->seq_len,
-                    input.token_ids,
-                    expert_bias_.defined() ? &expert_bias_ : nullptr,
-                    saved->capacity_factor};
-  saved->plan = in_plugin(router_tag_, "forward", [&] { return router_->forward(x, ctx); });
-  RoutingPlan& plan = saved->plan;
+void MoeLayer::route(const Tensor& x, const RouterContext& ctx, Saved& saved, std::vector<int32_t>& token,
+                     std::vector<int32_t>& expert, std::vector<int32_t>& rank) {
+  const int64_t tokens = x.dim(0), experts = spec_.num_experts;
+  saved.plan = in_plugin(router_tag_, "forward", [&] { return router_->forward(x, ctx); });
+  RoutingPlan& plan = saved.plan;
   expect_shape(plan.logits, {tokens, experts}, "router logits");
   expect_shape(plan.probs, {tokens, experts}, "router probabilities");
 
-  const std::vector<int32_t> token = host_ints(ops_, plan.token);
-  const std::vector<int32_t> expert = host_ints(ops_, plan.expert);
-  const std::vector<int32_t> rank = host_ints(ops_, plan.rank);
+  token = host_ints(ops_, plan.token);
+  expert = host_ints(ops_, plan.expert);
+  rank = host_ints(ops_, plan.rank);
   MOELAB_CHECK(token.size() == expert.size() && token.size() == rank.size() &&
                    plan.weight.numel() == static_cast<int64_t>(token.size()),
                "router '{}' returned inconsistent assignment lists", config_.router.type);
@@ -298,17 +299,95 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
       ++stats_.assignments;
     }
   }
+}
+
+Dispatch MoeLayer::dispatch(const Saved& saved, const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                            const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t tokens_per_rank) {
+  const int64_t tokens = stats_.tokens, experts = spec_.num_experts;
+  const RoutingPlan& plan = saved.plan;
   // Expert-choice routers size their own buckets: capacity does not apply to them.
   const bool token_choice = plan.top_k > 0;
   const Overflow overflow = token_choice ? config_.overflow : Overflow::dropless;
+  const Tensor& reroute_probs = overflow == Overflow::reroute ? probs_host : Tensor{};
+  if (tokens_per_rank < tokens) {  // capacity scope local: each rank's tokens on their own
+    stats_.capacity = overflow == Overflow::dropless
+                          ? 0
+                          : expert_capacity(tokens_per_rank, plan.top_k, experts, saved.capacity_factor);
+    return plan_dispatch_per_rank(token, expert, rank, experts, stats_.capacity, overflow, reroute_probs,
+                                  tokens_per_rank);
+  }
   stats_.capacity =
-      overflow == Overflow::dropless ? 0 : expert_capacity(tokens, plan.top_k, experts, saved->capacity_factor);
-  const Tensor probs_host = ops_.to_host(plan.probs);
-  const Dispatch dispatch = plan_dispatch(token, expert, rank, experts, stats_.capacity, overflow,
-                                          overflow == Overflow::reroute ? probs_host : Tensor{});
+      overflow == Overflow::dropless ? 0 : expert_capacity(tokens, plan.top_k, experts, saved.capacity_factor);
+  return plan_dispatch(token, expert, rank, experts, stats_.capacity, overflow, reroute_probs);
+}
+
+void MoeLayer::finish_stats(const Dispatch& dispatch, const Tensor& probs_host, int64_t tokens) {
+  const int64_t experts = spec_.num_experts;
+  const int64_t rows = dispatch.offsets.back();
   stats_.tokens_per_expert = dispatch.tokens_per_expert;
   stats_.dropped = dispatch.dropped;
   stats_.rerouted = dispatch.rerouted;
+  std::vector<char> served(static_cast<size_t>(tokens), 0);
+  for (int32_t t : dispatch.source_token) served[static_cast<size_t>(t)] = 1;
+  stats_.tokens_without_expert = std::count(served.begin(), served.end(), 0);
+  stats_.drop_fraction =
+      stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
+  stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
+  stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
+  stats_.router_entropy = accumulate_prob_stats(probs_host, tokens, experts, stats_.mean_prob);
+  int64_t max_load = 0, max_routed = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    max_routed = std::max(max_routed, stats_.routed_per_expert[static_cast<size_t>(e)]);
+    if (stats_.assignments > 0)
+      stats_.load_fraction[static_cast<size_t>(e)] =
+          static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) /
+          static_cast<double>(stats_.assignments);
+    max_load = std::max(max_load, stats_.tokens_per_expert[static_cast<size_t>(e)]);
+  }
+  const double mean_load = static_cast<double>(rows) / static_cast<double>(experts);
+  stats_.max_violation = mean_load > 0 ? static_cast<double>(max_load) / mean_load - 1.0 : 0.0;
+  const double mean_routed = static_cast<double>(stats_.assignments) / static_cast<double>(experts);
+  stats_.routed_max_violation = mean_routed > 0 ? static_cast<double>(max_routed) / mean_routed - 1.0 : 0.0;
+}
+
+void MoeLayer::balancers_forward(Saved& saved, const RouterContext& ctx) {
+  saved.load.routed_per_expert = stats_.routed_per_expert;
+  saved.load.tokens_per_expert = stats_.tokens_per_expert;
+  saved.load.tokens = stats_.tokens;
+  saved.load.top_k = saved.plan.top_k;
+  for (size_t i = 0; i < balancers_.size(); ++i) {
+    const double loss =
+        in_plugin(balancer_tags_[i], "forward", [&] { return balancers_[i]->forward(saved.plan, saved.load, ctx); });
+    stats_.balancer_losses.emplace_back(balancer_names_[i], loss);
+    stats_.aux_loss += loss;
+  }
+  if (saved.training) dead_.record(stats_.tokens_per_expert, stats_.tokens);
+  collect_plugin_metrics();
+}
+
+Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
+  if (parallel_->distributed()) return forward_parallel(x, input);
+  const int64_t tokens = x.dim(0), d = spec_.d_model;
+  expect_shape(x, {tokens, d}, "MoE layer input");
+  auto saved = std::make_unique<Saved>();
+  saved->x = x;
+  saved->training = input.training;
+  saved->step = input.step;
+  saved->batch = input.batch;
+  saved->seq_len = input.seq_len > 0 ? input.seq_len : tokens;
+  saved->token_ids = input.token_ids;
+  saved->capacity_factor = input.training ? config_.capacity_factor : config_.eval_capacity_factor;
+
+  // The routing noise of a step is a function of (seed, layer, step, training): a forward can be
+  // repeated exactly (gradient checks, resume).
+  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(input.step) + (input.training ? 1 : 0));
+  const RouterContext ctx = context(step_rng, input.training, input.step, input.batch, saved->seq_len, input.token_ids,
+                                    saved->capacity_factor);
+  std::vector<int32_t> token, expert, rank;
+  route(x, ctx, *saved, token, expert, rank);
+  const RoutingPlan& plan = saved->plan;
+  const Tensor probs_host = ops_.to_host(plan.probs);
+  const Dispatch dispatch = this->dispatch(*saved, token, expert, rank, probs_host, tokens);
   saved->offsets = dispatch.offsets;
   saved->final_expert = dispatch.final_expert;
   const int64_t rows = dispatch.offsets.back();
@@ -331,41 +410,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
     saved->shared_context =
         in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
 
-  // What the layer reports.
-  std::vector<char> served(static_cast<size_t>(tokens), 0);
-  for (int32_t t : dispatch.source_token) served[static_cast<size_t>(t)] = 1;
-  stats_.tokens_without_expert = std::count(served.begin(), served.end(), 0);
-  stats_.drop_fraction =
-      stats_.assignments > 0 ? static_cast<double>(stats_.dropped) / static_cast<double>(stats_.assignments) : 0.0;
-  stats_.load_fraction.assign(static_cast<size_t>(experts), 0.0);
-  stats_.mean_prob.assign(static_cast<size_t>(experts), 0.0);
-  stats_.router_entropy = accumulate_prob_stats(probs_host, tokens, experts, stats_.mean_prob);
-  int64_t max_load = 0, max_routed = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    max_routed = std::max(max_routed, stats_.routed_per_expert[static_cast<size_t>(e)]);
-    if (stats_.assignments > 0)
-      stats_.load_fraction[static_cast<size_t>(e)] =
-          static_cast<double>(stats_.routed_per_expert[static_cast<size_t>(e)]) /
-          static_cast<double>(stats_.assignments);
-    max_load = std::max(max_load, stats_.tokens_per_expert[static_cast<size_t>(e)]);
-  }
-  const double mean_load = static_cast<double>(rows) / static_cast<double>(experts);
-  stats_.max_violation = mean_load > 0 ? static_cast<double>(max_load) / mean_load - 1.0 : 0.0;
-  const double mean_routed = static_cast<double>(stats_.assignments) / static_cast<double>(experts);
-  stats_.routed_max_violation = mean_routed > 0 ? static_cast<double>(max_routed) / mean_routed - 1.0 : 0.0;
-
-  saved->load.routed_per_expert = stats_.routed_per_expert;
-  saved->load.tokens_per_expert = stats_.tokens_per_expert;
-  saved->load.tokens = tokens;
-  saved->load.top_k = plan.top_k;
-  for (size_t i = 0; i < balancers_.size(); ++i) {
-    const double loss =
-        in_plugin(balancer_tags_[i], "forward", [&] { return balancers_[i]->forward(plan, saved->load, ctx); });
-    stats_.balancer_losses.emplace_back(balancer_names_[i], loss);
-    stats_.aux_loss += loss;
-  }
-  if (input.training) dead_.record(stats_.tokens_per_expert, tokens);
-  collect_plugin_metrics();
+  finish_stats(dispatch, probs_host, tokens);
+  balancers_forward(*saved, ctx);
   saved_ = std::move(saved);
   return y;
 }
@@ -387,6 +433,7 @@ void MoeLayer::collect_plugin_metrics() {
 
 Tensor MoeLayer::backward(const Tensor& dy) {
   MOELAB_CHECK(saved_ != nullptr, "MoE layer backward called without a forward");
+  if (parallel_->distributed()) return backward_parallel(dy);
   Saved& s = *saved_;
   const int64_t tokens = s.x.dim(0), d = spec_.d_model;
   expect_shape(dy, {tokens, d}, "MoE layer output gradient");
@@ -421,15 +468,7 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   }
 
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
-  RouterContext ctx{ops_,
-                    step_rng,
-                    s.training,
-                    s.step,
-                    s.batch,
-                    s.seq_len,
-                    s.token_ids,
-                    expert_bias_.defined() ? &expert_bias_ : nullptr,
-                    s.capacity_factor};
+  const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
   for (size_t i = 0; i < balancers_.size(); ++i)
     in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
   in_plugin(router_tag_, "backward", [&] { router_->backward(s.x, s.plan, grad, ctx, dx); });

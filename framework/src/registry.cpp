@@ -55,13 +55,15 @@ const char* kind_plural(PluginKind kind) {
       return "balancers";
     case PluginKind::kernel:
       return "kernels";
+    case PluginKind::comm:
+      return "communicators";
   }
   return "plugins";
 }
 
 bool valid_kind(PluginKind kind) {
   const auto value = static_cast<uint32_t>(kind);
-  return value >= static_cast<uint32_t>(PluginKind::router) && value <= static_cast<uint32_t>(PluginKind::kernel);
+  return value >= static_cast<uint32_t>(PluginKind::router) && value <= static_cast<uint32_t>(PluginKind::comm);
 }
 
 // Boost.DLL wraps dlerror() as "...load() failed (dlerror system message: REASON): Bad file
@@ -110,7 +112,8 @@ std::string check_manifest(const PluginManifest& m) {
     return fmt::format("{} '{}' declares no schema() function", plugin_kind_name(m.kind), m.name);
   const bool has_factory =
       (m.kind == PluginKind::router && m.make_router) || (m.kind == PluginKind::experts && m.make_experts) ||
-      (m.kind == PluginKind::balancer && m.make_balancer) || (m.kind == PluginKind::kernel && m.make_kernel);
+      (m.kind == PluginKind::balancer && m.make_balancer) || (m.kind == PluginKind::kernel && m.make_kernel) ||
+      (m.kind == PluginKind::comm && m.make_comm);
   if (!has_factory)
     return fmt::format("{} '{}' has no {} factory", plugin_kind_name(m.kind), m.name, plugin_kind_name(m.kind));
   return {};
@@ -414,7 +417,8 @@ std::vector<const PluginInfo*> PluginRegistry::list(PluginKind kind) const {
 
 std::vector<const PluginInfo*> PluginRegistry::all() const {
   std::vector<const PluginInfo*> out;
-  for (PluginKind kind : {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel})
+  for (PluginKind kind :
+       {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel, PluginKind::comm})
     for (const PluginInfo* p : list(kind)) out.push_back(p);
   return out;
 }
@@ -467,6 +471,11 @@ std::shared_ptr<Balancer> PluginRegistry::make_balancer(const std::string& name,
 std::shared_ptr<Ops> PluginRegistry::make_kernel(const std::string& name, const ParamSet& params) const {
   const PluginInfo& info = require(PluginKind::kernel, name);
   return holding_library(info.manifest->make_kernel(params), info);
+}
+
+std::shared_ptr<Comm> PluginRegistry::make_comm(const std::string& name, const ParamSet& params) const {
+  const PluginInfo& info = require(PluginKind::comm, name);
+  return holding_library(info.manifest->make_comm(params), info);
 }
 
 }  // namespace moelab

@@ -64,7 +64,44 @@ double check_data(const RunConfig& config, const Recipe& recipe, const CheckOpti
   }
 }
 
+// [parallel] against the ranks, the model and the batch (num_experts % expert is build_config's).
+void check_parallel(const RunConfig& config, const Recipe& recipe, int64_t world, Diagnostics& out) {
+  const ParallelConfig& p = config.parallel;
+  if (p.data > 0 && world != p.expert * p.data) {
+    out.add(first_set(recipe, {"parallel.data", "parallel"}), "parallel.data",
+            fmt::format("expert x data = {} x {} = {} ranks, but the run has {}", p.expert, p.data, p.expert * p.data,
+                        world),
+            fmt::format("start {} ranks (mpirun -np {}), or set parallel.data = 0 to follow the ranks started",
+                        p.expert * p.data, p.expert * p.data));
+    return;
+  }
+  if (world % p.expert != 0) {
+    out.add(first_set(recipe, {"parallel.expert", "parallel"}), "parallel.expert",
+            fmt::format("parallel.expert = {} does not divide the {} ranks of the run", p.expert, world),
+            "start a multiple of parallel.expert ranks");
+    return;
+  }
+  if (world == 1) return;
+  if (config.model.vocab_size == 0) {
+    out.add(first_set(recipe, {"parallel", "model"}), "parallel",
+            fmt::format("a run on {} ranks trains a language model; this recipe's model has no vocabulary (the "
+                        "layer-only task runs in one process)",
+                        world),
+            "set model.vocab_size, or run it in one process");
+    return;
+  }
+  if (config.train.batch_size % world != 0)
+    out.add(first_set(recipe, {"train.batch_size", "train"}), "train.batch_size",
+            fmt::format("{} sequences cannot be split evenly over {} ranks", config.train.batch_size, world),
+            fmt::format("make train.batch_size a multiple of {}", world));
+}
+
 }  // namespace
+
+int64_t run_world(const ParallelConfig& parallel, int64_t world) {
+  if (world > 0) return world;
+  return parallel.data > 0 ? parallel.expert * parallel.data : parallel.expert;
+}
 
 std::string format_bytes(double bytes) {
   static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
@@ -133,6 +170,7 @@ void check_run(const RunConfig& config, const Recipe& recipe, const PluginRegist
                const CheckOptions& options) {
   Diagnostics out;
   check_trainable(config, recipe, out);
+  check_parallel(config, recipe, run_world(config.parallel, options.world), out);
   const double corpus = check_data(config, recipe, options, out);
   const MemoryEstimate memory = estimate_memory(config, registry, corpus);
   const double available = options.memory_bytes > 0 ? options.memory_bytes : machine_memory_bytes();

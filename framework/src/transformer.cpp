@@ -270,7 +270,8 @@ Tensor Attention::backward_mla(Ops& ops, const Tensor& dq, const Tensor& dk, con
 
 // --- Block ----------------------------------------------------------------------------------------
 
-Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng, bool force_moe)
+Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng,
+             const Parallel& parallel, bool force_moe)
     : attn_norm_(ops, fmt::format("layers.{}.attn_norm", index), config.model.norm, config.model.d_model,
                  config.model.norm_bias, config.model.norm_eps, config.model.dtype),
       ffn_norm_(ops, fmt::format("layers.{}.ffn_norm", index), config.model.norm, config.model.d_model,
@@ -280,7 +281,7 @@ Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& regis
   if (force_moe || m.is_moe_layer(index)) {
     LayerSpec spec = config.layer;
     spec.layer_index = static_cast<int>(index);
-    moe_ = std::make_unique<MoeLayer>(config.moe, spec, registry, ops, rng);
+    moe_ = std::make_unique<MoeLayer>(config.moe, spec, registry, ops, rng, parallel, config.parallel.capacity);
   } else {
     FfnOptions o;
     o.groups = 1;
@@ -346,7 +347,8 @@ void Block::collect(const std::string& prefix, std::vector<std::pair<std::string
 
 // --- Multi-token prediction -----------------------------------------------------------------------
 
-MtpModule::MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng)
+MtpModule::MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng,
+                     const Parallel& parallel)
     : d_model_(config.model.d_model),
       index_(config.model.n_layers + depth),
       h_norm_(ops, fmt::format("layers.{}.mtp.h_norm", config.model.n_layers + depth), NormKind::rmsnorm,
@@ -357,7 +359,7 @@ MtpModule::MtpModule(const RunConfig& config, int64_t depth, const PluginRegistr
                 config.model.d_model, false, config.model.norm_eps, config.model.dtype),
       proj_(ops, fmt::format("layers.{}.mtp.proj", config.model.n_layers + depth), 2 * config.model.d_model,
             config.model.d_model, false, config.model.dtype, rng, config.model.init_std),
-      block_(config, config.model.n_layers + depth, registry, ops, rng, true) {}
+      block_(config, config.model.n_layers + depth, registry, ops, rng, parallel, true) {}
 
 Tensor MtpModule::forward(Ops& ops, const Tensor& h, const Tensor& e, const LayerInput& input) {
   h_ = h;
@@ -423,8 +425,9 @@ std::vector<Unsupported> transformer_unsupported(const RunConfig& config) {
   return out;
 }
 
-Transformer::Transformer(const RunConfig& config, const PluginRegistry& registry, Ops& ops, Rng& rng)
-    : config_(config), ops_(ops) {
+Transformer::Transformer(const RunConfig& config, const PluginRegistry& registry, Ops& ops, Rng& rng,
+                         const Parallel& parallel)
+    : config_(config), ops_(ops), parallel_(&parallel) {
   const std::vector<Unsupported> problems = transformer_unsupported(config);
   if (!problems.empty())
     throw UsageError(fmt::format("{}: {} ({})", problems[0].key, problems[0].message, problems[0].hint));
@@ -434,11 +437,12 @@ Transformer::Transformer(const RunConfig& config, const PluginRegistry& registry
                m.d_model);
   Rng init = rng.fork(0x7f0);
   embed_ = make_parameter(ops, "embed.weight", m.dtype, {m.vocab_size, m.d_model}, init, m.init_std);
-  for (int64_t i = 0; i < m.n_layers; ++i) blocks_.push_back(std::make_unique<Block>(config, i, registry, ops, init));
+  for (int64_t i = 0; i < m.n_layers; ++i)
+    blocks_.push_back(std::make_unique<Block>(config, i, registry, ops, init, parallel));
   final_norm_ = Norm(ops, "final_norm", m.norm, m.d_model, m.norm_bias, m.norm_eps, m.dtype);
   if (!m.tied_embeddings) head_ = Linear(ops, "head", m.d_model, m.vocab_size, false, m.dtype, init, m.init_std);
   for (int64_t k = 0; k < m.mtp_modules; ++k)
-    mtp_.push_back(std::make_unique<MtpModule>(config, k, registry, ops, init));
+    mtp_.push_back(std::make_unique<MtpModule>(config, k, registry, ops, init, parallel));
 }
 
 double Transformer::head_forward(const Tensor& x, const Tensor& targets, Tensor& logits, Tensor& lse) {
@@ -469,6 +473,17 @@ Tensor Transformer::head_backward(const Tensor& x, const Tensor& targets, const 
 
 Transformer::~Transformer() = default;
 
+// On several ranks the loss is the mean over the global batch: counts and sums over every rank.
+int64_t Transformer::global_count(int64_t local) const {
+  if (parallel_->distributed()) parallel_->world().allreduce_sum(&local, 1, DType::i64);
+  return local;
+}
+
+double Transformer::global_sum(double local) const {
+  if (parallel_->distributed()) parallel_->world().allreduce_sum(&local, 1, DType::f64);
+  return local;
+}
+
 double Transformer::forward(const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets, int64_t batch,
                             bool training, int64_t step) {
   const int64_t rows = static_cast<int64_t>(inputs.size());
@@ -489,6 +504,7 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
     target_ids_.data<int32_t>()[i] = targets[static_cast<size_t>(i)];
     scored_ += targets[static_cast<size_t>(i)] >= 0 ? 1 : 0;
   }
+  scored_ = global_count(scored_);
   Tensor ids = ops_.to_device(input_ids_);
   x0_ = ops_.empty(m.dtype, {rows, m.d_model});
   ops_.gather_rows(embed_.value, ids, x0_);
@@ -497,7 +513,7 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
   for (auto& block : blocks_) x = block->forward(ops_, x, input);
   final_in_ = x;
   final_out_ = final_norm_.forward(ops_, x);
-  const double total = head_forward(final_out_, target_ids_, logits_, lse_);
+  const double total = global_sum(head_forward(final_out_, target_ids_, logits_, lse_));
 
   // Module k (1-based) sees token i+k at position i and predicts token i+k+1; both come from the
   // targets (the inputs shifted by one), and positions past the window's end are not scored.
@@ -521,7 +537,8 @@ double Transformer::forward(const std::vector<int32_t>& inputs, const std::vecto
     ops_.gather_rows(embed_.value, ops_.to_device(saved.token_ids), e);
     saved.hidden = mtp_[k]->forward(ops_, hidden, e, input);
     saved.normed = mtp_[k]->out_norm().forward(ops_, saved.hidden);
-    const double module_total = head_forward(saved.normed, saved.target_ids, saved.logits, saved.lse);
+    saved.scored = global_count(saved.scored);
+    const double module_total = global_sum(head_forward(saved.normed, saved.target_ids, saved.logits, saved.lse));
     mtp_loss_ +=
         (saved.scored > 0 ? module_total / static_cast<double>(saved.scored) : 0.0) / static_cast<double>(mtp_.size());
     hidden = saved.hidden;
@@ -584,6 +601,19 @@ std::vector<std::pair<std::string, Parameter*>> Transformer::named_parameters() 
   for (Parameter* p : rest) out.emplace_back(p->name, p);
   for (auto& module : mtp_) module->collect(out);
   return out;
+}
+
+GradReduce Transformer::grad_reduce(const Parameter* p) {
+  for (MoeLayer* moe : moe_layers())
+    for (auto& [name, q] : moe->named_parameters())
+      if (q == p) return moe->grad_reduce(p);
+  return GradReduce::world;
+}
+
+bool Transformer::is_sharded(const Parameter* p) {
+  for (MoeLayer* moe : moe_layers())
+    if (moe->is_sharded(p)) return true;
+  return false;
 }
 
 std::vector<Parameter*> Transformer::parameters() {

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "cli_parallel.hpp"
 #include "moelab/error.hpp"
 
 namespace moelab::cli {
@@ -98,14 +99,23 @@ std::optional<size_t> sweep_point(const ParsedArgs& parsed, size_t points) {
 void print_error(const std::string& message) {
   std::string text = message;
   while (!text.empty() && text.back() == '\n') text.pop_back();
-  std::fprintf(stderr, "moelab: error: %s\n", text.c_str());
+  if (Comm* world = abort_world(); world != nullptr && world->size() > 1)
+    std::fprintf(stderr, "moelab: rank %d of %d: error: %s\n", world->rank(), world->size(), text.c_str());
+  else
+    std::fprintf(stderr, "moelab: error: %s\n", text.c_str());
 }
 
 constexpr size_t kShownErrors = 50;
 
-int guarded(const std::function<int()>& body) {
+namespace {
+
+// Runs body; an exception is printed and becomes the exit code, with `threw` set.
+int reported(const std::function<int()>& body, bool& threw) {
+  threw = true;
   try {
-    return body();
+    const int code = body();
+    threw = false;
+    return code;
   } catch (const UsageError& e) {
     if (!e.diagnostics().empty()) {
       // The first kShownErrors, then a count: thousands of lines help nobody, and the first few
@@ -128,6 +138,20 @@ int guarded(const std::function<int()>& body) {
     print_error(fmt::format("unexpected failure: {}", e.what()));
     return kExitFailure;
   }
+}
+
+}  // namespace
+
+int guarded(const std::function<int()>& body) {
+  bool threw = false;
+  const int code = reported(body, threw);
+  // A rank of a parallel run that failed while training ends every rank: the others would wait
+  // for it in their next collective forever.
+  if (Comm* world = abort_world(); threw && world != nullptr && world->size() > 1) {
+    std::fflush(stderr);
+    world->abort(code);
+  }
+  return code;
 }
 
 int64_t integer_option(const ParsedArgs& parsed, const std::string& option, int64_t fallback, int64_t low) {

@@ -55,6 +55,8 @@ const char* recipe_table(PluginKind kind) {
       return "[[moe.balancers]]";
     case PluginKind::kernel:
       return "[kernel]";
+    case PluginKind::comm:
+      return "[parallel] comm";
   }
   return "";
 }

@@ -95,15 +95,18 @@ std::string json_report(const Validation& v) {
 
 int cmd_check(const Args& args) {
   const ArgSpec spec{
-      "moelab check RECIPE [--set KEY=VALUE]... [--memory-gib N] [--json]",
+      "moelab check RECIPE [--set KEY=VALUE]... [--memory-gib N] [--nproc N] [--json]",
       "Loads RECIPE (its extends, overrides and references), expands its [sweep] and validates every\n"
       "run against the core schema and the schemas of the plugins it names, then what `run` needs\n"
       "beyond them: a model the trainer supports, data files that exist, match their globs and fit the\n"
       "vocabulary, and memory: a lower bound of what the run allocates (weights, gradients, AdamW state,\n"
-      "one step's saved activations and logits, the corpus) must fit this machine's memory. Prints\n"
-      "'RECIPE: ok (N runs)' and exits 0, or prints every problem as\n"
+      "one step's saved activations and logits, the corpus) must fit this machine's memory; and the\n"
+      "[parallel] layout against the ranks (--nproc N, or expert x data), the experts and the batch.\n"
+      "Prints 'RECIPE: ok (N runs)' and exits 0, or prints every problem as\n"
       "file:line:column: error: key: message and exits 2.",
-      {kSetOption, {"--memory-gib", "check the memory estimate against N GiB instead of this machine's memory"}},
+      {kSetOption,
+       {"--memory-gib", "check the memory estimate against N GiB instead of this machine's memory"},
+       {"--nproc", "check the run on N ranks (mpirun -np N); default: the recipe's expert x data"}},
       {{"--json", "print {\"ok\", \"runs\", \"errors\": [{file, line, column, key, message, hint, note}]}"}},
       1,
       1};
@@ -126,6 +129,7 @@ int cmd_check(const Args& args) {
       throw UsageError(fmt::format("--memory-gib: expected a positive number of GiB, got '{}'", *gib));
     options.memory_bytes = value * 1024 * 1024 * 1024;
   }
+  options.world = integer_option(parsed, "--nproc", 0, 1);
   const Validation v = validate(file, parsed.all("--set"), &options);
   if (parsed.flag("--json")) {
     std::fputs(json_report(v).c_str(), stdout);

@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "cli_parallel.hpp"
 #include "cli_util.hpp"
 #include "moelab/config.hpp"
 #include "moelab/experiment.hpp"
+#include "moelab/parallel.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
 #include "moelab/run_check.hpp"
@@ -50,31 +52,80 @@ bool has_checkpoint(const fs::path& dir) {
   return fs::exists(dir / "checkpoint.safetensors");
 }
 
-}  // namespace
+// The arguments without --nproc N (or --nproc=N), for the ranks mpirun starts.
+std::vector<std::string> without_nproc(const Args& args) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--nproc") {
+      ++i;
+      continue;
+    }
+    if (args[i].rfind("--nproc=", 0) == 0) continue;
+    out.push_back(args[i]);
+  }
+  return out;
+}
 
-int cmd_run(const Args& args) {
-  const ArgSpec spec{
+// Every rank validates the same recipe; they agree before anything trains, so that a rank whose
+// validation failed does not leave the others waiting in a collective. The first failing rank
+// reports its error; the others exit with the same code, silently.
+// Returns kExitOk when every rank may go on, or the exit code of a rank that stays silent.
+int agree_or_throw(Comm* world, const std::exception_ptr& failure) {
+  if (world == nullptr || world->size() == 1) {
+    if (failure) std::rethrow_exception(failure);
+    return kExitOk;
+  }
+  std::vector<int32_t> failed(static_cast<size_t>(world->size()), 0);
+  const int32_t mine = failure ? 1 : 0;
+  world->allgather(&mine, sizeof mine, failed.data());
+  for (int r = 0; r < world->size(); ++r) {
+    if (!failed[static_cast<size_t>(r)]) continue;
+    if (r == world->rank()) std::rethrow_exception(failure);
+    return kExitUsage;
+  }
+  return kExitOk;
+}
+
+struct RunPlan {
+  std::vector<PlannedRun> runs;
+  std::optional<std::string> resume;
+  RunOptions options;
+};
+
+const ArgSpec& run_spec() {
+  static const ArgSpec spec{
       "moelab run RECIPE [--set KEY=VALUE]... [--out DIR] [--overwrite] [--stop-at STEP]\n"
-      "       moelab run --resume RUN_DIR [--stop-at STEP]",
+      "       moelab run --resume RUN_DIR [--stop-at STEP]\n"
+      "       moelab run --nproc N RECIPE ...      (or: mpirun -np N moelab run RECIPE ...)",
       "Trains what RECIPE describes and writes a run folder per run: OUT/NAME (or OUT/NAME/SWEEP_POINT\n"
       "for a [sweep]) holding recipe.toml (the resolved recipe, rerunnable as is), metrics.jsonl,\n"
       "summary.json and report.md, and for a language model checkpoint.safetensors. Every run of a\n"
       "sweep is validated before the first one starts. A run that fails before its first checkpoint\n"
       "leaves no folder behind. Ctrl-C checkpoints after the current step and stops; --resume RUN_DIR\n"
-      "continues from the checkpoint to the same result as an uninterrupted run.",
+      "continues from the checkpoint to the same result as an uninterrupted run.\n"
+      "Under mpirun (or with --nproc N) every rank trains its share of each batch, with the experts\n"
+      "split over [parallel] expert ranks; rank 0 writes the run folder (docs/parallel.md).",
       {{"--set", "override a recipe key, VALUE parsed as TOML (repeatable): --set moe.top_k=1"},
        {"--out", "parent folder of the run folders (default: the recipe's output.dir, \"runs\")"},
        {"--resume", "continue the unfinished language-model run in RUN_DIR from its checkpoint"},
-       {"--stop-at", "checkpoint after step STEP and stop, leaving the run resumable (split long runs)"}},
+       {"--stop-at", "checkpoint after step STEP and stop, leaving the run resumable (split long runs)"},
+       {"--nproc", "start N ranks with mpirun (with --allow-run-as-root as root, --oversubscribe past the cores)"}},
       {{"--overwrite", "replace existing run folders instead of refusing"}},
       0,
       1};
-  const ParsedArgs parsed = parse_args(spec, args);
-  if (parsed.help) {
-    std::fputs(help_text(spec).c_str(), stdout);
-    return kExitOk;
-  }
-  const std::optional<std::string> resume = parsed.option("--resume");
+  return spec;
+}
+
+}  // namespace
+
+namespace {
+
+// Validates every run of the recipe (every sweep point) for a run on `world_size` ranks.
+RunPlan plan_runs(const ParsedArgs& parsed, int64_t world_size) {
+  RunPlan plan;
+  std::optional<std::string>& resume = plan.resume;
+  RunOptions& options = plan.options;
+  resume = parsed.option("--resume");
   if (resume.has_value() == !parsed.positional.empty())
     throw UsageError(resume ? "give either RECIPE or --resume RUN_DIR, not both"
                             : "missing RECIPE (or --resume RUN_DIR); see moelab run --help");
@@ -82,7 +133,6 @@ int cmd_run(const Args& args) {
     throw UsageError(
         "--resume continues a run exactly as its recipe.toml says: --set, --out and --overwrite do "
         "not apply");
-  RunOptions options;
   if (auto stop_at = parsed.option("--stop-at")) {
     try {
       size_t used = 0;
@@ -110,7 +160,7 @@ int cmd_run(const Args& args) {
     options.resume = true;
   }
   const Recipe recipe = Recipe::load(recipe_file.string(), LoadOptions{parsed.all("--set")});
-  std::vector<PlannedRun> runs;
+  std::vector<PlannedRun>& runs = plan.runs;
   Diagnostics all;
   for (const auto& point : recipe.expand_sweep()) {
     try {
@@ -119,7 +169,16 @@ int cmd_run(const Args& args) {
       run.config = build_config(*point.recipe, registry);
       // What run cannot do (an untrainable model, missing data, too little memory) is refused for
       // every point before the first one trains.
-      check_run(run.config, *point.recipe, registry);
+      CheckOptions check;
+      check.world = world_size;
+      check_run(run.config, *point.recipe, registry, check);
+      if (world_size > 1 && run.config.parallel.comm != "auto" && run.config.parallel.comm != "mpi")
+        throw UsageError(fmt::format("parallel.comm = \"{}\", but mpirun started this run: use \"mpi\" or \"auto\"",
+                                     run.config.parallel.comm));
+      if (world_size == 1 && run.config.parallel.comm == "mpi")
+        throw UsageError(
+            "parallel.comm = \"mpi\", but this process was not started by mpirun: run it with mpirun -np N "
+            "moelab run ..., or moelab run --nproc N ...");
       run.resolved = point.recipe->to_toml();
       const fs::path parent = parsed.option("--out") ? fs::path(*parsed.option("--out")) : run.config.output_dir;
       run.dir = parent / run.config.name;
@@ -154,6 +213,16 @@ int cmd_run(const Args& args) {
                     "--out DIR to write elsewhere",
                     run.dir.string()));
   }
+  return plan;
+}
+
+// Trains the planned runs one after the other; on several ranks every rank calls this together.
+int train_runs(const ParsedArgs& parsed, RunPlan& plan, const std::shared_ptr<Comm>& world) {
+  const std::vector<PlannedRun>& runs = plan.runs;
+  const std::optional<std::string>& resume = plan.resume;
+  const RunOptions& options = plan.options;
+  const bool writer = world == nullptr || world->rank() == 0;
+  (void)parsed;
   std::signal(SIGINT, on_interrupt);
 
   const bool tty = isatty(fileno(stderr)) != 0;
@@ -161,15 +230,19 @@ int cmd_run(const Args& args) {
     const PlannedRun& run = runs[i];
     PluginRegistry registry = PluginRegistry::with_default_path();
     registry.scan(run.config.plugin_paths);
-    std::fprintf(stderr, "run %zu/%zu: %s%s -> %s\n", i + 1, runs.size(), run.config.name.c_str(),
-                 run.label.empty() ? "" : (" [" + run.label + "]").c_str(), run.dir.string().c_str());
+    if (writer)
+      std::fprintf(
+          stderr, "run %zu/%zu: %s%s -> %s%s\n", i + 1, runs.size(), run.config.name.c_str(),
+          run.label.empty() ? "" : (" [" + run.label + "]").c_str(), run.dir.string().c_str(),
+          world ? fmt::format(" ({} ranks, experts split over {})", world->size(), run.config.parallel.expert).c_str()
+                : "");
     // A layer-only run is written beside its final folder and renamed into place, so a failure
     // leaves nothing behind. A language model trains in its folder, which keeps its checkpoint
     // when the run stops; it is removed only when it fails before any checkpoint.
     const bool language_model = run.config.model.vocab_size > 0;
     const fs::path work_dir =
         language_model ? run.dir : run.dir.parent_path() / (run.dir.filename().string() + ".incomplete");
-    if (!resume) {
+    if (!resume && writer) {
       std::error_code ec;
       fs::remove_all(work_dir, ec);
       if (language_model && !ec) fs::remove_all(run.dir, ec);
@@ -178,6 +251,16 @@ int cmd_run(const Args& args) {
         throw RuntimeError(fmt::format("cannot create the run folder {}: {}; choose another parent with --out DIR",
                                        work_dir.string(), ec.message()));
     }
+    // The layout's groups, split from the world by every rank together; an error from here on
+    // ends every rank (cli_parallel.hpp).
+    std::unique_ptr<Parallel> parallel;
+    if (world) {
+      set_abort_world(world.get());
+      parallel = std::make_unique<Parallel>(world, run.config.parallel.expert);
+      world->barrier();  // rank 0 has made the folder
+    }
+    RunOptions run_options = options;
+    run_options.parallel = parallel.get();
     RunResult result;
     try {
       const int64_t log_every = run.config.train.log_every;
@@ -203,8 +286,9 @@ int cmd_run(const Args& args) {
                            clock_str(u.seconds_left).c_str());
             }
           },
-          options);
+          run_options);
     } catch (...) {
+      if (!writer) throw;
       // A checkpoint refused on --resume is a usage error: resuming it again would fail again.
       bool refused = false;
       try {
@@ -232,6 +316,10 @@ int cmd_run(const Args& args) {
       }
       throw;
     }
+    if (!writer) {
+      if (!result.finished) return g_interrupt.load() ? 130 : kExitOk;
+      continue;
+    }
     if (!result.finished) {
       if (tty) std::fputc('\n', stderr);
       std::printf("%s: stopped after step %lld of %lld with a checkpoint; continue with: moelab run --resume %s\n",
@@ -251,6 +339,33 @@ int cmd_run(const Args& args) {
         result.seconds);
   }
   return kExitOk;
+}
+
+}  // namespace
+
+int cmd_run(const Args& args) {
+  const ArgSpec& spec = run_spec();
+  const ParsedArgs parsed = parse_args(spec, args);
+  if (parsed.help) {
+    std::fputs(help_text(spec).c_str(), stdout);
+    return kExitOk;
+  }
+  if (parsed.option("--nproc")) {
+    const int64_t ranks = integer_option(parsed, "--nproc", 1, 1);
+    if (launcher_world_size() > 0) throw UsageError("--nproc starts the ranks itself; under mpirun, leave it out");
+    exec_mpirun(ranks, without_nproc(args));
+  }
+  // The ranks mpirun started join before anything else, so that they can agree on failures.
+  const std::shared_ptr<Comm> world = join_world(PluginRegistry::with_default_path());
+  std::exception_ptr failure;
+  RunPlan plan;
+  try {
+    plan = plan_runs(parsed, world ? world->size() : 1);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (const int code = agree_or_throw(world.get(), failure); code != kExitOk) return code;
+  return train_runs(parsed, plan, world);
 }
 
 }  // namespace moelab::cli

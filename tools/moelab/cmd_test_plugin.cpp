@@ -16,7 +16,8 @@ namespace moelab::cli {
 namespace {
 
 std::optional<PluginKind> kind_named(const std::string& text) {
-  for (PluginKind kind : {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel})
+  for (PluginKind kind :
+       {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel, PluginKind::comm})
     if (text == plugin_kind_name(kind)) return kind;
   return std::nullopt;
 }
@@ -32,9 +33,11 @@ int cmd_test_plugin(const Args& args) {
       "input and every parameter against central differences under each capacity policy (dropless,\n"
       "drop, reroute), in training and evaluation; the routing plan's contract (routers); bit-identical\n"
       "outputs from one seed. Kernel: every Ops slot against the cpu kernel on fresh random inputs, f32\n"
-      "and f64. Prints one line per check and exits 0 when all pass, 1 when one fails.\n"
+      "and f64. Comm: every collective on values each rank can predict, zero-byte blocks included, on\n"
+      "the world it runs in (one process, or each rank under mpirun -np N moelab test-plugin mpi).\n"
+      "Prints one line per check and exits 0 when all pass, 1 when one fails.\n"
       "The plugin is looked for in the build's plugin folder, MOELAB_PLUGIN_PATH and each --path DIR.",
-      {{"--kind", "router, experts, balancer or kernel: needed when NAME is a plugin of several kinds"},
+      {{"--kind", "router, experts, balancer, kernel or comm: needed when NAME is a plugin of several kinds"},
        {"--path", "also search DIR for plugins (repeatable): your plugin's build folder"},
        {"--set", "fix a parameter of the plugin, VALUE parsed as TOML (repeatable): --set top_k=2"},
        {"--settings", "settings drawn from the schema besides the defaults (default 3; 0: defaults only)"},
@@ -59,10 +62,12 @@ int cmd_test_plugin(const Args& args) {
   std::optional<PluginKind> kind;
   if (const auto text = parsed.option("--kind")) {
     kind = kind_named(*text);
-    if (!kind) throw UsageError(fmt::format("--kind: expected router, experts, balancer or kernel, got '{}'", *text));
+    if (!kind)
+      throw UsageError(fmt::format("--kind: expected router, experts, balancer, kernel or comm, got '{}'", *text));
   } else {
     std::vector<PluginKind> kinds;
-    for (PluginKind k : {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel})
+    for (PluginKind k :
+         {PluginKind::router, PluginKind::experts, PluginKind::balancer, PluginKind::kernel, PluginKind::comm})
       if (registry.find(k, name) != nullptr) kinds.push_back(k);
     if (kinds.size() > 1)
       throw UsageError(fmt::format("'{}' names plugins of {} kinds; choose one with --kind", name, kinds.size()));

@@ -10,6 +10,7 @@ namespace moelab::cli {
 using Args = std::vector<std::string>;  // the arguments after the subcommand's name
 
 int cmd_run(const Args& args);
+int cmd_reshard(const Args& args);
 int cmd_check(const Args& args);
 int cmd_show(const Args& args);
 int cmd_inspect(const Args& args);

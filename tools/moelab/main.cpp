@@ -17,6 +17,7 @@ struct Subcommand {
 
 const Subcommand kSubcommands[] = {
     {"run", moelab::cli::cmd_run, "train or evaluate what a recipe describes"},
+    {"reshard", moelab::cli::cmd_reshard, "convert a run's checkpoint to another split of its experts"},
     {"check", moelab::cli::cmd_check, "validate a recipe (every error, with file:line:column)"},
     {"show", moelab::cli::cmd_show, "print the fully resolved recipe"},
     {"inspect", moelab::cli::cmd_inspect, "what the model is: parameters, active parameters, FLOPs"},

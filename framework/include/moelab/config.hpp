@@ -148,6 +148,21 @@ struct TaskConfig {
   double noise = 0.01;
 };
 
+// [parallel]: how a run started by mpirun splits its work (moelab/parallel.hpp, docs/parallel.md).
+// world = expert x data ranks; each holds global batch / world sequences.
+enum class CapacityScope { global, local };
+const char* capacity_scope_name(CapacityScope scope);
+struct ParallelConfig {
+  int64_t expert = 1;         // ranks the routed experts are split over (expert parallelism)
+  int64_t data = 0;           // replicas of each expert (data parallelism); 0: the world's ranks / expert
+  std::string comm = "auto";  // comm plugin; auto: mpi when started by mpirun, local otherwise
+  // global: capacity of the global batch, decided as one process would (results equal to one
+  // process); local: each rank's capacity over its own tokens (Megatron-Core's per-rank form).
+  CapacityScope capacity = CapacityScope::global;
+  // Ranks this layout needs, once `data` is known (0 while it follows the world).
+  int64_t world() const { return data > 0 ? expert * data : 0; }
+};
+
 struct RunConfig {
   std::string name;
   std::string description;
@@ -162,6 +177,7 @@ struct RunConfig {
   TaskConfig task;                            // the layer-only regression task (model without vocabulary)
   DataConfig data;                            // the language model's data (model with a vocabulary)
   std::filesystem::path output_dir = "runs";  // [output] dir, relative to the working directory
+  ParallelConfig parallel;
 
   // The MoE layer as the router and balancers see it: d_model, dtype, and num_experts/top_k after
   // the expert layout's adjust_layer (a fine-grained layout multiplies both).

@@ -20,6 +20,7 @@
 namespace moelab {
 
 class PluginRegistry;
+class Parallel;
 
 struct ProgressUpdate {
   int64_t step = 0, steps = 0;
@@ -33,6 +34,9 @@ struct RunOptions {
   bool resume = false;                           // continue the run in run_dir from its checkpoint
   int64_t stop_at = 0;                           // > 0: checkpoint after this step and stop; the folder stays resumable
   const std::atomic<bool>* interrupt = nullptr;  // when set (Ctrl-C): checkpoint after the current step, stop
+  // Several ranks (language models): every rank calls run_experiment with its Parallel, and
+  // rank 0 writes the run folder. Null: one process.
+  const Parallel* parallel = nullptr;
 };
 
 struct RunResult {
@@ -55,6 +59,16 @@ struct RunResult {
 RunResult run_experiment(const RunConfig& config, const std::string& resolved_recipe, const PluginRegistry& registry,
                          const std::filesystem::path& run_dir,
                          const std::function<void(const ProgressUpdate&)>& progress, const RunOptions& options = {});
+
+// `moelab reshard`: converts the checkpoint of the unfinished run in run_dir to its experts split
+// over `expert` ranks (1: one process), and sets its recipe.toml's [parallel] to that split, so
+// that `mpirun -np N moelab run --resume run_dir` continues it there. The new slices are written
+// beside the old and committed by checkpoint.safetensors, renamed into place last, as a run does.
+struct ReshardResult {
+  int64_t from = 1, to = 1, step = 0;
+  size_t tensors_split = 0;  // per-expert tensors (weights and AdamW moments) joined and cut again
+};
+ReshardResult reshard_run(const std::filesystem::path& run_dir, int64_t expert);
 
 // The language-model trainer behind run_experiment (lm_trainer.cpp).
 RunResult train_language_model(const RunConfig& config, const std::string& resolved_recipe,

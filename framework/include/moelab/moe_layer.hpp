@@ -11,6 +11,7 @@
 #include "moelab/balancer.hpp"
 #include "moelab/config.hpp"
 #include "moelab/experts.hpp"
+#include "moelab/parallel.hpp"
 #include "moelab/router.hpp"
 
 namespace moelab {
@@ -80,6 +81,22 @@ Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int3
                        const Tensor& probs_host);
 // capacity = ceil(tokens * k / experts * factor) (GShard, Switch).
 int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double factor);
+// Capacity scope local: the assignments of each rank's `tokens_per_rank` tokens are dispatched
+// on their own, against the capacity of that many tokens; the plans put together.
+Dispatch plan_dispatch_per_rank(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                                const std::vector<int32_t>& rank, int64_t num_experts, int64_t capacity,
+                                Overflow overflow, const Tensor& probs_host, int64_t tokens_per_rank);
+
+// How a data-parallel run combines a parameter's gradient over the ranks: summed over every rank
+// (the replicated parameters), over the ranks holding the same experts (the routed experts), or
+// not at all (the router's and balancers', which every rank computes whole from the global batch).
+enum class GradReduce { world, expert_replicas, none };
+
+// The expert layout's parameters that hold one row block per routed expert (leading dimension
+// num_experts), named as in the layer ("experts.w_in"): what a parallel run splits over its
+// expert ranks, and `moelab reshard` joins and splits again. Counted on the meta kernel.
+std::vector<std::string> per_expert_parameters(const MoeConfig& moe, const LayerSpec& spec,
+                                               const PluginRegistry& registry);
 
 struct LayerInput {
   bool training = true;
@@ -91,7 +108,11 @@ struct LayerInput {
 
 class MoeLayer : public Module {
  public:
-  MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  // On several ranks (parallel.distributed()), every rank constructs the layer together: the
+  // routed experts are split over parallel.expert_group(), each rank keeping its slice of the
+  // values one process would have drawn.
+  MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng,
+           const Parallel& parallel = single_process(), CapacityScope capacity_scope = CapacityScope::global);
   ~MoeLayer() override;
 
   // x [T, d] -> y [T, d]. Saves what backward needs; stats() describes this forward.
@@ -115,9 +136,27 @@ class MoeLayer : public Module {
   std::vector<Parameter*> parameters() override;
   // Every parameter with its name in weights files: "router.weight", "experts.w_in", ...
   std::vector<std::pair<std::string, Parameter*>> named_parameters();
+  GradReduce grad_reduce(const Parameter* p) const;
+  // Parameters split over the expert group: this rank holds experts [first, first + count) of
+  // their leading dimension (empty in one process).
+  bool is_sharded(const Parameter* p) const;
 
  private:
   struct Saved;
+  struct Exchange;  // what a parallel forward saves: the expert group's token exchange
+  RouterContext context(Rng& step_rng, bool training, int64_t step, int64_t batch, int64_t seq_len,
+                        const Tensor* token_ids, double capacity_factor);
+  // The router's plan for x, checked, with the routed load in stats_ (reset here).
+  void route(const Tensor& x, const RouterContext& ctx, Saved& saved, std::vector<int32_t>& token,
+             std::vector<int32_t>& expert, std::vector<int32_t>& rank);
+  // Capacity, then the figures of stats_ that follow from the dispatch and the probabilities.
+  Dispatch dispatch(const Saved& saved, const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
+                    const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t tokens_per_rank);
+  void finish_stats(const Dispatch& dispatch, const Tensor& probs_host, int64_t tokens);
+  void balancers_forward(Saved& saved, const RouterContext& ctx);
+  Tensor forward_parallel(const Tensor& x, const LayerInput& input);
+  Tensor backward_parallel(const Tensor& dy);
+  void shard_experts(const PluginRegistry& registry, Ops& ops);
   void collect_plugin_metrics();  // stats_.plugin_metrics from every plugin's metrics()
   MoeConfig config_;
   LayerSpec spec_;
@@ -135,6 +174,10 @@ class MoeLayer : public Module {
   LayerStats stats_;
   DeadExpertTracker dead_;
   std::unique_ptr<Saved> saved_;
+  const Parallel* parallel_;
+  CapacityScope capacity_scope_;
+  std::vector<const Parameter*> sharded_;
+  std::unique_ptr<Exchange> exchange_;
 };
 
 }  // namespace moelab

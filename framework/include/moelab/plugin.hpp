@@ -10,7 +10,7 @@
 //   MOELAB_ROUTER_PLUGIN(SoftmaxTopK, "softmax_topk", "1.0.0", "softmax over experts, then top-k")
 // where the class provides
 //   static ParamSchema schema();
-//   SoftmaxTopK(const ParamSet&, const LayerSpec&, Ops&, Rng&);   // kernels: Class(const ParamSet&)
+//   SoftmaxTopK(const ParamSet&, const LayerSpec&, Ops&, Rng&);   // kernels, comms: Class(const ParamSet&)
 // and optionally
 //   static void check(const ParamSet&, const LayerSpec&, ParamProblems&);  // cross-field rules
 //   static void adjust_layer(const ParamSet&, LayerSpec&);                 // expert layouts only
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "moelab/balancer.hpp"
+#include "moelab/comm.hpp"
 #include "moelab/experts.hpp"
 #include "moelab/kernel.hpp"
 #include "moelab/params.hpp"
@@ -34,12 +35,13 @@ namespace moelab {
 // Minor: additions that old plugins need not know about.
 // 2: transformer ops slots in Ops; 3: the stamp, ParamSpec::min_exclusive; 4: routing-maths slots
 // in Ops (exp, log, divide, column scaling, row sums and maxima, thresholds), and metrics() on
-// Router and Balancer
-inline constexpr uint32_t kAbiMajor = 4;
+// Router and Balancer; 5: the fifth kind, comm (communicators, moelab/comm.hpp), and its factory
+// in PluginManifest
+inline constexpr uint32_t kAbiMajor = 5;
 inline constexpr uint32_t kAbiMinor = 0;
 
-enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4 };
-const char* plugin_kind_name(PluginKind kind);  // "router", "experts", "balancer", "kernel"
+enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4, comm = 5 };
+const char* plugin_kind_name(PluginKind kind);  // "router", "experts", "balancer", "kernel", "comm"
 
 // A problem a plugin's cross-field check found in its own parameters.
 struct ParamProblem {
@@ -83,6 +85,7 @@ struct PluginManifest {
   std::unique_ptr<Experts> (*make_experts)(const ParamSet&, const LayerSpec&, Ops&, Rng&);
   std::unique_ptr<Balancer> (*make_balancer)(const ParamSet&, const LayerSpec&, Ops&, Rng&);
   std::unique_ptr<Ops> (*make_kernel)(const ParamSet&);
+  std::unique_ptr<Comm> (*make_comm)(const ParamSet&);
 };
 
 using PluginEntry = const PluginManifest*();
@@ -108,8 +111,8 @@ template <class C, class Base>
 std::unique_ptr<Base> make_module(const ParamSet& p, const LayerSpec& s, Ops& o, Rng& r) {
   return std::make_unique<C>(p, s, o, r);
 }
-template <class C>
-std::unique_ptr<Ops> make_ops(const ParamSet& p) {
+template <class C, class Base>
+std::unique_ptr<Base> make_from_params(const ParamSet& p) {
   return std::make_unique<C>(p);
 }
 
@@ -137,9 +140,11 @@ PluginManifest manifest_for(PluginKind kind, const char* name, const char* versi
   } else if constexpr (std::is_base_of_v<Balancer, C>) {
     m.check = check_of<C>();
     m.make_balancer = &make_module<C, Balancer>;
+  } else if constexpr (std::is_base_of_v<Comm, C>) {
+    m.make_comm = &make_from_params<C, Comm>;
   } else {
-    static_assert(std::is_base_of_v<Ops, C>, "a plugin class derives from Router, Experts, Balancer or Ops");
-    m.make_kernel = &make_ops<C>;
+    static_assert(std::is_base_of_v<Ops, C>, "a plugin class derives from Router, Experts, Balancer, Ops or Comm");
+    m.make_kernel = &make_from_params<C, Ops>;
   }
   return m;
 }
@@ -187,3 +192,5 @@ PluginManifest manifest_for(PluginKind kind, const char* name, const char* versi
   MOELAB_DEFINE_PLUGIN_(balancer, CLASS, NAME, VERSION, DESCRIPTION)
 #define MOELAB_KERNEL_PLUGIN(CLASS, NAME, VERSION, DESCRIPTION) \
   MOELAB_DEFINE_PLUGIN_(kernel, CLASS, NAME, VERSION, DESCRIPTION)
+#define MOELAB_COMM_PLUGIN(CLASS, NAME, VERSION, DESCRIPTION) \
+  MOELAB_DEFINE_PLUGIN_(comm, CLASS, NAME, VERSION, DESCRIPTION)

@@ -93,6 +93,7 @@ class PluginRegistry {
   std::shared_ptr<Balancer> make_balancer(const std::string& name, const ParamSet& params, const LayerSpec& spec,
                                           Ops& ops, Rng& rng) const;
   std::shared_ptr<Ops> make_kernel(const std::string& name, const ParamSet& params) const;
+  std::shared_ptr<Comm> make_comm(const std::string& name, const ParamSet& params) const;
 
   const PluginInfo& require(PluginKind kind, const std::string& name) const;
 

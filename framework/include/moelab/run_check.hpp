@@ -42,11 +42,16 @@ std::string format_bytes(double bytes);
 struct CheckOptions {
   bool read_data = true;    // read the data files (UTF-8, token ids); false: only globs and sizes
   double memory_bytes = 0;  // the memory to fit in; 0: machine_memory_bytes()
+  int64_t world = 0;        // ranks the run has; 0: the [parallel] layout's expert x data (expert when data = 0)
 };
+
+// The ranks a run of `config` has when `world` (0: not known) ranks are started.
+int64_t run_world(const ParallelConfig& parallel, int64_t world);
 
 // Throws UsageError carrying a diagnostic at the recipe's key for every reason `config` cannot
 // run: a model the trainer does not support, data that is missing or does not fit the
-// vocabulary, or a memory estimate above the memory available.
+// vocabulary, a parallel layout that does not fit the ranks, the experts or the batch, or a
+// memory estimate above the memory available.
 void check_run(const RunConfig& config, const Recipe& recipe, const PluginRegistry& registry,
                const CheckOptions& options = {});
 

@@ -77,7 +77,7 @@ class Block {
  public:
   // `force_moe`: an MoE FFN whatever the layer pattern says (DeepSeek-V3's MTP layers).
   Block(const RunConfig& config, int64_t index, const PluginRegistry& registry, Ops& ops, Rng& rng,
-        bool force_moe = false);
+        const Parallel& parallel, bool force_moe = false);
   Tensor forward(Ops& ops, const Tensor& x, const LayerInput& input);
   Tensor backward(Ops& ops, const Tensor& dy);
   void collect(const std::string& prefix, std::vector<std::pair<std::string, Parameter*>>& out);
@@ -98,7 +98,8 @@ class Block {
 // and predicts token i+k+1 through its own output norm and the main model's (shared) head.
 class MtpModule {
  public:
-  MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  MtpModule(const RunConfig& config, int64_t depth, const PluginRegistry& registry, Ops& ops, Rng& rng,
+            const Parallel& parallel);
   // h [R, d]: the previous depth's hidden states; e [R, d]: the shifted tokens' embeddings.
   Tensor forward(Ops& ops, const Tensor& h, const Tensor& e, const LayerInput& input);
   // dy [R, d] -> (dh, de).
@@ -119,12 +120,16 @@ class MtpModule {
 class Transformer : public Module {
  public:
   // config.model must describe a decoder with a vocabulary and attention; throws UsageError
-  // naming the recipe key otherwise (use transformer_unsupported() to ask first).
-  Transformer(const RunConfig& config, const PluginRegistry& registry, Ops& ops, Rng& rng);
+  // naming the recipe key otherwise (use transformer_unsupported() to ask first). On several
+  // ranks every rank constructs it together, and a forward takes this rank's share of the
+  // global batch: the loss it returns, and the gradients backward() accumulates, are those of
+  // the mean over the global batch (this rank's share of them, for the replicated parameters).
+  Transformer(const RunConfig& config, const PluginRegistry& registry, Ops& ops, Rng& rng,
+              const Parallel& parallel = single_process());
   ~Transformer() override;
 
   // inputs and targets: host i32 [batch * seq_len]; a negative target is not scored. Returns the
-  // mean cross-entropy over scored targets; aux_loss() holds the balancers' sum for this forward.
+  // mean cross-entropy over scored targets (of every rank); aux_loss() holds the balancers' sum.
   double forward(const std::vector<int32_t>& inputs, const std::vector<int32_t>& targets, int64_t batch, bool training,
                  int64_t step);
   // Gradients of (cross-entropy + every balancer loss) of the last forward, accumulated.
@@ -139,12 +144,17 @@ class Transformer : public Module {
   std::vector<Parameter*> parameters() override;
   // Parameters by their name in checkpoints: "embed.weight", "layers.3.attn.q.weight", ...
   std::vector<std::pair<std::string, Parameter*>> named_parameters();
+  // How a parallel run combines the gradient of `p` (a parameter of this model), and whether it
+  // is one rank's slice of the routed experts.
+  GradReduce grad_reduce(const Parameter* p);
+  bool is_sharded(const Parameter* p);
   // Non-trainable state a checkpoint must carry: each MoE layer's expert bias.
   std::vector<std::pair<std::string, Tensor*>> named_buffers();
 
  private:
   RunConfig config_;
   Ops& ops_;
+  const Parallel* parallel_;
   Parameter embed_;
   std::vector<std::unique_ptr<Block>> blocks_;
   Norm final_norm_;
@@ -162,6 +172,8 @@ class Transformer : public Module {
   double mtp_loss_ = 0;
   // logits = x head^T and the cross-entropy of `targets`: returns the summed loss.
   double head_forward(const Tensor& x, const Tensor& targets, Tensor& logits, Tensor& lse);
+  int64_t global_count(int64_t local) const;
+  double global_sum(double local) const;
   // dlogits = scale (softmax - onehot); accumulates the head's gradient, returns dx.
   Tensor head_backward(const Tensor& x, const Tensor& targets, const Tensor& logits, const Tensor& lse, double scale);
 };

@@ -1,0 +1,80 @@
+// What moe_layer.cpp and parallel/moe_layer_parallel.cpp share: the state a forward saves for its
+// backward, and the helpers around calls into plugin code.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "moelab/moe_layer.hpp"
+
+namespace moelab {
+
+struct MoeLayer::Saved {
+  Tensor x;
+  RoutingPlan plan;
+  LayerLoad load;
+  bool training = true;
+  int64_t step = 0, batch = 1, seq_len = 0;
+  const Tensor* token_ids = nullptr;
+  double capacity_factor = 1.0;
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> final_expert;
+  Tensor order;         // [R] i32: assignment of each dispatched row
+  Tensor source_token;  // [R] i32
+  Tensor row_weight;    // [R]: combine weight of each dispatched row
+  Tensor x_sorted, y_sorted;
+  std::unique_ptr<ForwardContext> experts_context, shared_context;
+  // Parallel runs: the global batch the router saw (every rank's rows, in rank order).
+  Tensor x_global, token_ids_global;
+};
+
+struct MoeLayer::Exchange {
+  // The rows this rank sends, in send order (destination rank, expert, assignment).
+  Tensor send_token;                          // [Rs] i32: the local token of each
+  Tensor send_assignment;                     // [Rs] i32: its assignment in the global plan
+  Tensor send_weight;                         // [Rs]: its combine weight
+  std::vector<int64_t> send_rows, recv_rows;  // rows to / from each rank of the expert group
+  // The rows received, in (expert, source rank) order for the experts: sorted row i is received
+  // row recv_of_sorted[i]; received row j is sorted row sorted_of_recv[j].
+  Tensor recv_of_sorted, sorted_of_recv;
+  std::vector<int64_t> offsets;  // [local experts + 1] over the sorted rows
+  Tensor x_sorted, y_sorted;     // [Rr, d]
+  Tensor y_back;                 // [Rs, d]: the expert outputs of the rows sent, in send order
+  std::unique_ptr<ForwardContext> experts_context;
+};
+
+namespace moe_detail {
+
+// Runs a call into plugin code. Whatever it throws comes back naming the plugin, its file, the
+// layer and the call: a UsageError stays one (its diagnostics, when it has any, pass unchanged),
+// anything else becomes a RuntimeError.
+template <class F>
+decltype(auto) in_plugin(const std::string& tag, const char* call, F&& body) {
+  try {
+    return body();
+  } catch (const UsageError& e) {
+    if (!e.diagnostics().empty()) throw;
+    throw UsageError(fmt::format("{}, {}: {}", tag, call, e.what()));
+  } catch (const std::exception& e) {
+    throw RuntimeError(fmt::format("{}, {}: {}", tag, call, e.what()));
+  } catch (...) {
+    throw RuntimeError(fmt::format("{}, {}: threw something that is not a std::exception", tag, call));
+  }
+}
+
+inline std::vector<int32_t> host_ints(Ops& ops, const Tensor& t) {
+  const Tensor h = ops.to_host(t);
+  const int32_t* p = h.data<int32_t>();
+  return std::vector<int32_t>(p, p + h.numel());
+}
+
+inline Tensor upload_ints(Ops& ops, const std::vector<int32_t>& values) {
+  Tensor h = host_tensor(DType::i32, {static_cast<int64_t>(values.size())});
+  std::copy(values.begin(), values.end(), h.data<int32_t>());
+  return ops.to_device(h);
+}
+
+}  // namespace moe_detail
+}  // namespace moelab

@@ -1,0 +1,280 @@
+// The MoE layer on several ranks (moe_layer.hpp; docs/parallel.md draws one step).
+//
+// Routing is decided once for the global batch, identically on every rank: each rank gathers
+// every rank's hidden rows (and token ids), runs the router on them with the step's own random
+// stream, and applies capacity and the balancers to the global plan. Every rank so reaches the
+// decisions, the losses and the statistics one process would. The experts' work is what is
+// split: a rank sends each of its own tokens' dispatched rows to the rank of its expert group
+// that holds that expert, in five steps,
+//   1. count its rows per (destination rank, expert) and exchange the counts (alltoall),
+//   2. order its rows by (destination rank, expert, assignment), deterministically,
+//   3. exchange the rows (alltoallv), then put the received rows in (expert, source rank) order,
+//   4. run its local experts on them (one grouped call),
+//   5. send the outputs back (alltoallv) and combine them with the router's weights,
+// and the backward runs the same exchanges in reverse. Every rank enters every collective,
+// whether it sends or receives rows or not, so a rank without tokens for anyone cannot hang.
+//
+// Gradients: the router's and balancers' come out whole on every rank (they see the global
+// batch, and the combine weights' gradients are summed over the ranks first), so data
+// parallelism leaves them alone; the experts' are this rank's share, summed over the expert
+// replicas by the trainer.
+#include <fmt/format.h>
+
+#include <numeric>
+
+#include "../moe_layer_internal.hpp"
+#include "moelab/meta_ops.hpp"
+#include "moelab/registry.hpp"
+
+namespace moelab {
+
+using namespace moe_detail;
+
+namespace {
+
+// Rows [R, d] (`send_rows[r]` of them for rank r, packed in rank order) to the ranks of `comm`;
+// returns the rows received, `recv_rows[r]` from rank r, packed the same way.
+Tensor exchange_rows(Ops& ops, Comm& comm, const Tensor& rows, const std::vector<int64_t>& send_rows,
+                     const std::vector<int64_t>& recv_rows, int64_t d) {
+  const Tensor send = ops.to_host(rows);
+  const int64_t row_bytes = d * static_cast<int64_t>(dtype_size(rows.dtype()));
+  std::vector<int64_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
+  int64_t received = 0;
+  for (size_t r = 0; r < send_rows.size(); ++r) {
+    send_bytes[r] = send_rows[r] * row_bytes;
+    recv_bytes[r] = recv_rows[r] * row_bytes;
+    received += recv_rows[r];
+  }
+  Tensor recv = host_tensor(rows.dtype(), {received, d});
+  comm.alltoallv(send.raw(), send_bytes, recv.raw(), recv_bytes);
+  return ops.to_device(recv);
+}
+
+// Whether a parameter of shape `full` with `experts` experts and `part` with `local` is one row
+// block per expert: its leading dimension counts the experts and the rest is the same.
+bool sliced_by_expert(const Shape& full, const Shape& part, int64_t experts, int64_t local) {
+  return !full.empty() && full.size() == part.size() && full[0] == experts && part[0] == local &&
+         std::equal(full.begin() + 1, full.end(), part.begin() + 1);
+}
+
+Tensor gathered(Ops& ops, const Tensor& src, const Tensor& index, int64_t rows, int64_t d) {
+  Tensor out = ops.empty(src.dtype(), {rows, d});
+  if (rows > 0) ops.gather_rows(src, index, out);
+  return out;
+}
+
+}  // namespace
+
+void MoeLayer::shard_experts(const PluginRegistry& registry, Ops& ops) {
+  const int64_t experts = spec_.num_experts;
+  const int64_t local = parallel_->local_experts(experts), first = parallel_->first_expert(experts);
+  LayerSpec local_spec = spec_;
+  local_spec.num_experts = local;
+  Rng scratch(0);  // its draws are overwritten by the slice of the full layout's
+  std::shared_ptr<Experts> mine = in_plugin(experts_tag_, "constructor", [&] {
+    return registry.make_experts(config_.experts.type, config_.experts.params, local_spec, ops, scratch);
+  });
+  const std::vector<Parameter*> full = experts_->parameters(), part = mine->parameters();
+  if (full.size() != part.size())
+    throw UsageError(
+        fmt::format("{}: it has {} parameters with {} experts and {} with {}, so it cannot be split "
+                    "over parallel.expert = {} ranks",
+                    experts_tag_, full.size(), experts, part.size(), local, parallel_->expert_size()));
+  for (size_t i = 0; i < full.size(); ++i) {
+    const Tensor &f = full[i]->value, &p = part[i]->value;
+    if (f.shape() == p.shape()) {  // not per expert (shared experts): replicated
+      ops.copy(f, part[i]->value);
+      continue;
+    }
+    if (!sliced_by_expert(f.shape(), p.shape(), experts, local))
+      throw UsageError(
+          fmt::format("{}: parameter '{}' is {} with {} experts and {} with {}: its leading "
+                      "dimension is not the expert, so it cannot be split over parallel.expert = "
+                      "{} ranks",
+                      experts_tag_, full[i]->name, shape_str(f.shape()), experts, shape_str(p.shape()), local,
+                      parallel_->expert_size()));
+    ops.copy(f.rows(first, first + local), part[i]->value);
+    sharded_.push_back(part[i]);
+  }
+  experts_ = std::move(mine);
+}
+
+std::vector<std::string> per_expert_parameters(const MoeConfig& moe, const LayerSpec& spec,
+                                               const PluginRegistry& registry) {
+  const std::shared_ptr<Ops> meta = make_meta_ops();
+  LayerSpec one = spec;
+  one.num_experts = 1;
+  one.top_k = 1;
+  Rng rng(0);
+  const std::shared_ptr<Experts> full = registry.make_experts(moe.experts.type, moe.experts.params, spec, *meta, rng);
+  const std::shared_ptr<Experts> single = registry.make_experts(moe.experts.type, moe.experts.params, one, *meta, rng);
+  const std::vector<Parameter*> a = full->parameters(), b = single->parameters();
+  std::vector<std::string> out;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (a[i]->value.shape() != b[i]->value.shape() &&
+        sliced_by_expert(a[i]->value.shape(), b[i]->value.shape(), spec.num_experts, 1))
+      out.push_back("experts." + a[i]->name);
+  return out;
+}
+
+Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
+  Comm& world = parallel_->world();
+  Comm& group = parallel_->expert_group();
+  const int64_t local_tokens = x.dim(0), d = spec_.d_model, experts = spec_.num_experts;
+  expect_shape(x, {local_tokens, d}, "MoE layer input");
+  const int64_t ranks = world.size(), offset = world.rank() * local_tokens, tokens = local_tokens * ranks;
+  auto saved = std::make_unique<Saved>();
+  saved->x = x;
+  saved->x_global = ops_.to_device(allgather_rows(world, ops_.to_host(x)));
+  if (input.token_ids) {
+    saved->token_ids_global = allgather_rows(world, *input.token_ids);
+    saved->token_ids = &saved->token_ids_global;
+  }
+  saved->training = input.training;
+  saved->step = input.step;
+  saved->seq_len = input.seq_len > 0 ? input.seq_len : local_tokens;
+  saved->batch = tokens / saved->seq_len;
+  saved->capacity_factor = input.training ? config_.capacity_factor : config_.eval_capacity_factor;
+
+  // 0. The global plan, as one process makes it.
+  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(input.step) + (input.training ? 1 : 0));
+  const RouterContext ctx = context(step_rng, saved->training, saved->step, saved->batch, saved->seq_len,
+                                    saved->token_ids, saved->capacity_factor);
+  std::vector<int32_t> token, expert, rank;
+  route(saved->x_global, ctx, *saved, token, expert, rank);
+  const RoutingPlan& plan = saved->plan;
+  const Tensor probs_host = ops_.to_host(plan.probs);
+  const Dispatch dispatch = this->dispatch(*saved, token, expert, rank, probs_host,
+                                           capacity_scope_ == CapacityScope::local ? local_tokens : tokens);
+  saved->offsets = dispatch.offsets;
+  saved->final_expert = dispatch.final_expert;
+
+  // 1-2. This rank's rows, already in (expert, assignment) order, and their counts.
+  const int64_t local_experts = parallel_->local_experts(experts), members = group.size();
+  auto ex = std::make_unique<Exchange>();
+  std::vector<int32_t> send_token, send_assignment;
+  std::vector<int64_t> send_counts(static_cast<size_t>(experts), 0);  // [members, local experts]
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t row = dispatch.offsets[static_cast<size_t>(e)]; row < dispatch.offsets[static_cast<size_t>(e) + 1];
+         ++row) {
+      const int32_t t = dispatch.source_token[static_cast<size_t>(row)];
+      if (t < offset || t >= offset + local_tokens) continue;
+      send_token.push_back(static_cast<int32_t>(t - offset));
+      send_assignment.push_back(dispatch.order[static_cast<size_t>(row)]);
+      ++send_counts[static_cast<size_t>(e)];
+    }
+  std::vector<int64_t> recv_counts(static_cast<size_t>(experts), 0);  // [source, local expert]
+  group.alltoall(send_counts.data(), local_experts * static_cast<int64_t>(sizeof(int64_t)), recv_counts.data());
+  ex->send_rows.assign(static_cast<size_t>(members), 0);
+  ex->recv_rows.assign(static_cast<size_t>(members), 0);
+  for (int64_t m = 0; m < members; ++m)
+    for (int64_t e = 0; e < local_experts; ++e) {
+      ex->send_rows[static_cast<size_t>(m)] += send_counts[static_cast<size_t>(m * local_experts + e)];
+      ex->recv_rows[static_cast<size_t>(m)] += recv_counts[static_cast<size_t>(m * local_experts + e)];
+    }
+  const int64_t sent = static_cast<int64_t>(send_token.size());
+  ex->send_token = upload_ints(ops_, send_token);
+  ex->send_assignment = upload_ints(ops_, send_assignment);
+
+  // 3. The rows out, and the received rows into (expert, source rank) order.
+  const Tensor send_x = gathered(ops_, x, ex->send_token, sent, d);
+  const Tensor recv_x = exchange_rows(ops_, group, send_x, ex->send_rows, ex->recv_rows, d);
+  const int64_t received = recv_x.dim(0);
+  std::vector<int64_t> block_start(static_cast<size_t>(members * local_experts), 0);  // in recv order
+  int64_t at = 0;
+  for (int64_t m = 0; m < members; ++m)
+    for (int64_t e = 0; e < local_experts; ++e) {
+      block_start[static_cast<size_t>(m * local_experts + e)] = at;
+      at += recv_counts[static_cast<size_t>(m * local_experts + e)];
+    }
+  std::vector<int32_t> recv_of_sorted, sorted_of_recv(static_cast<size_t>(received));
+  ex->offsets.assign(static_cast<size_t>(local_experts) + 1, 0);
+  for (int64_t e = 0; e < local_experts; ++e) {
+    for (int64_t m = 0; m < members; ++m) {
+      const int64_t start = block_start[static_cast<size_t>(m * local_experts + e)];
+      for (int64_t i = 0; i < recv_counts[static_cast<size_t>(m * local_experts + e)]; ++i) {
+        sorted_of_recv[static_cast<size_t>(start + i)] = static_cast<int32_t>(recv_of_sorted.size());
+        recv_of_sorted.push_back(static_cast<int32_t>(start + i));
+      }
+    }
+    ex->offsets[static_cast<size_t>(e) + 1] = static_cast<int64_t>(recv_of_sorted.size());
+  }
+  ex->recv_of_sorted = upload_ints(ops_, recv_of_sorted);
+  ex->sorted_of_recv = upload_ints(ops_, sorted_of_recv);
+  ex->x_sorted = gathered(ops_, recv_x, ex->recv_of_sorted, received, d);
+
+  // 4. The local experts, in one grouped call.
+  ex->y_sorted = ops_.empty(x.dtype(), {received, d});
+  ex->experts_context = in_plugin(experts_tag_, "forward",
+                                  [&] { return experts_->forward(ops_, ex->x_sorted, ex->offsets, ex->y_sorted); });
+
+  // 5. The outputs back, and the weighted combine.
+  const Tensor y_recv = gathered(ops_, ex->y_sorted, ex->sorted_of_recv, received, d);
+  ex->y_back = exchange_rows(ops_, group, y_recv, ex->recv_rows, ex->send_rows, d);
+  ex->send_weight = ops_.empty(x.dtype(), {sent, 1});
+  if (sent > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), ex->send_assignment, ex->send_weight);
+  ex->send_weight = ex->send_weight.reshaped({sent});
+  Tensor y = ops_.zeros(x.dtype(), {local_tokens, d});
+  if (sent > 0) ops_.scatter_add_rows(ex->y_back, ex->send_token, &ex->send_weight, y);
+  if (experts_->has_shared())
+    saved->shared_context =
+        in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
+
+  finish_stats(dispatch, probs_host, tokens);
+  balancers_forward(*saved, ctx);
+  saved_ = std::move(saved);
+  exchange_ = std::move(ex);
+  return y;
+}
+
+Tensor MoeLayer::backward_parallel(const Tensor& dy) {
+  Saved& s = *saved_;
+  Exchange& ex = *exchange_;
+  Comm& world = parallel_->world();
+  Comm& group = parallel_->expert_group();
+  const int64_t local_tokens = s.x.dim(0), d = spec_.d_model;
+  expect_shape(dy, {local_tokens, d}, "MoE layer output gradient");
+  const int64_t offset = world.rank() * local_tokens;
+  const int64_t sent = ex.send_token.numel(), received = ex.x_sorted.dim(0);
+  const int64_t assignments = s.plan.weight.numel();
+
+  Tensor dx = ops_.zeros(s.x.dtype(), {local_tokens, d});
+  if (experts_->has_shared())
+    in_plugin(experts_tag_, "shared_backward",
+              [&] { experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx); });
+
+  // The combine: dL/dw of each row sent, and w * dy to its expert's rank.
+  RouterGrad grad;
+  grad.weight = ops_.zeros(s.plan.weight.dtype(), {assignments});
+  Tensor dy_send = gathered(ops_, dy, ex.send_token, sent, d);
+  if (sent > 0) {
+    Tensor drow_weight = ops_.empty(dy.dtype(), {sent});
+    ops_.row_dot(dy_send, ex.y_back, drow_weight);
+    Tensor dweight = grad.weight.reshaped({assignments, 1});
+    ops_.scatter_add_rows(drow_weight.reshaped({sent, 1}), ex.send_assignment, nullptr, dweight);
+    ops_.scale_rows(ex.send_weight, dy_send);
+  }
+  const Tensor dy_recv = exchange_rows(ops_, group, dy_send, ex.send_rows, ex.recv_rows, d);
+  const Tensor dy_sorted = gathered(ops_, dy_recv, ex.recv_of_sorted, received, d);
+  Tensor dx_sorted = ops_.empty(dy.dtype(), {received, d});
+  in_plugin(experts_tag_, "backward",
+            [&] { experts_->backward(ops_, ex.x_sorted, ex.offsets, *ex.experts_context, dy_sorted, dx_sorted); });
+  const Tensor dx_recv = gathered(ops_, dx_sorted, ex.sorted_of_recv, received, d);
+  const Tensor dx_send = exchange_rows(ops_, group, dx_recv, ex.recv_rows, ex.send_rows, d);
+  if (sent > 0) ops_.scatter_add_rows(dx_send, ex.send_token, nullptr, dx);
+
+  // The router and balancers on the global plan, with every rank's combine-weight gradients.
+  Tensor weight_host = ops_.to_host(grad.weight);
+  allreduce_sum(world, weight_host);
+  grad.weight = ops_.to_device(weight_host);
+  Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
+  const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
+  for (size_t i = 0; i < balancers_.size(); ++i)
+    in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
+  Tensor dx_global = ops_.zeros(s.x.dtype(), {s.x_global.dim(0), d});
+  in_plugin(router_tag_, "backward", [&] { router_->backward(s.x_global, s.plan, grad, ctx, dx_global); });
+  ops_.axpy(1.0, dx_global.rows(offset, offset + local_tokens), dx);
+  return dx;
+}
+
+}  // namespace moelab
