@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/json.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -231,6 +232,51 @@ TEST_CASE("moelab check: a run too large for this machine's memory is refused wi
   // show and inspect still describe it.
   CHECK(run("show " + quoted(recipe), false).status == 0);
   CHECK(run("inspect " + quoted(recipe), false).status == 0);
+}
+
+TEST_CASE("moelab inspect and check: a [parallel] layout, per rank") {
+  const std::string recipe = MOELAB_SOURCE_DIR "/recipes/default.toml";
+  const Result one = run("inspect " + recipe + " --json", false);
+  const Result four = run("inspect " + recipe + " --set parallel.expert=2 --nproc 4 --json", false);
+  REQUIRE(one.status == 0);
+  REQUIRE(four.status == 0);
+  const boost::json::object whole = boost::json::parse(one.output).as_object();
+  const boost::json::object split = boost::json::parse(four.output).as_object();
+  const int64_t total = whole.at("total_parameters").as_int64();
+  const int64_t routed = whole.at("parameters").at("routed_experts").as_int64();
+  CHECK(whole.at("per_rank").at("parameters").as_int64() == total);
+  const boost::json::object& rank = split.at("per_rank").as_object();
+  CHECK(rank.at("ranks").as_int64() == 4);
+  CHECK(rank.at("expert").as_int64() == 2);
+  CHECK(rank.at("data").as_int64() == 2);
+  CHECK(rank.at("parameters").as_int64() == total - routed / 2);
+  // Each rank's share of the batch: a quarter of the activations one process saves, plus the
+  // gathered MoE inputs.
+  CHECK(rank.at("training_memory_bytes").at("logits").as_int64() * 4 ==
+        whole.at("per_rank").at("training_memory_bytes").at("logits").as_int64());
+  const Result text = run("inspect " + recipe + " --set parallel.expert=2 --nproc 4", false);
+  CHECK(text.output.find("per rank of 4 (expert 2 x data 2)") != std::string::npos);
+  CHECK(text.output.find("1/2 of the routed experts") != std::string::npos);
+
+  // Layouts the run could not start are refused by both, at the key.
+  const Result uneven = run("inspect " + recipe + " --set parallel.expert=3");
+  CHECK(uneven.status == 2);
+  CHECK(uneven.output.find("parallel.expert: 8 experts cannot be split evenly over 3 ranks") != std::string::npos);
+  for (const std::string command : {"inspect", "check"}) {
+    const Result odd = run(command + " " + recipe + " --set parallel.expert=2 --nproc 3");
+    CAPTURE(odd.output);
+    CHECK(odd.status == 2);
+    CHECK(odd.output.find("parallel.expert = 2 does not divide the 3 ranks") != std::string::npos);
+    const Result batch = run(command + " " + recipe + " --set parallel.expert=2 --nproc 32");
+    CHECK(batch.status == 2);
+    CHECK(batch.output.find("train.batch_size: 16 sequences cannot be split evenly over 32 ranks") !=
+          std::string::npos);
+  }
+  // The memory check adds up the ranks sharing this machine.
+  const Result crowded = run("check " + recipe + " --set parallel.expert=2 --nproc 16 --memory-gib 0.01");
+  CAPTURE(crowded.output);
+  CHECK(crowded.status == 2);
+  CHECK(crowded.output.find("its 16 ranks, all on this machine, need at least") != std::string::npos);
 }
 
 TEST_CASE("moelab check: the data files are checked — globs, existence, UTF-8, token ids, length") {

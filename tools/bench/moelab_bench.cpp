@@ -3,6 +3,7 @@
 //
 //   build/bin/moelab-bench                       # the three CPU shapes, balanced routing
 //   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
+//   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
 //
 // FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
 // 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).
@@ -20,53 +21,38 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
+#include "moelab/error.hpp"
 #include "moelab/moe_layer.hpp"
 #include "moelab/registry.hpp"
+
+namespace moelab::bench {
+
+bool parse_shape(const char* text, BenchShape& s) {
+  return std::sscanf(text, "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.tokens, &s.d_model, &s.d_ff,
+                     &s.experts, &s.top_k) == 5 &&
+         s.tokens >= 1 && s.d_model >= 1 && s.d_ff >= 1 && s.experts >= 1 && s.top_k >= 1 && s.top_k <= s.experts;
+}
+
+}  // namespace moelab::bench
 
 namespace {
 
 using namespace moelab;
-using Clock = std::chrono::steady_clock;
-
-struct BenchShape {
-  int64_t tokens, d_model, d_ff, experts, top_k;
-};
-
-// Median seconds of each body over `repeats` rounds, after one warm-up run of each (first-touch
-// allocation, OpenBLAS thread start). Each round runs every body once, back to back, so that the
-// dense reference and the layer are timed in the same minutes: on a shared machine the load
-// drifts, and timing one after the other's repeats would compare different machines.
-std::vector<double> median_seconds(int repeats, const std::vector<std::function<void()>>& bodies) {
-  for (const auto& body : bodies) body();
-  std::vector<std::vector<double>> times(bodies.size());
-  for (int round = 0; round < repeats; ++round)
-    for (size_t b = 0; b < bodies.size(); ++b) {
-      const auto start = Clock::now();
-      bodies[b]();
-      times[b].push_back(std::chrono::duration<double>(Clock::now() - start).count());
-    }
-  std::vector<double> medians;
-  for (auto& t : times) {
-    std::sort(t.begin(), t.end());
-    medians.push_back(t[t.size() / 2]);
-  }
-  return medians;
-}
-
-PluginChoice defaults(const PluginRegistry& registry, PluginKind kind, const std::string& name) {
-  PluginChoice c;
-  c.type = name;
-  c.params = defaults_of(registry.require(kind, name).schema);
-  return c;
-}
+using namespace moelab::bench;
 
 int usage(int status) {
   std::fprintf(status == 0 ? stdout : stderr,
-               "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n\n"
+               "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n"
+               "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n\n"
                "Times one MoE layer (softmax_topk router, glu experts, dropless) forward and\n"
                "forward+backward against a dense GEMM of the same FLOPs on the same kernel, and\n"
                "prints GFLOP/s and the ratio. Default shapes: 4096,512,1408,8,2  4096,512,352,64,8\n"
-               "4096,768,3072,64,1.\n");
+               "4096,768,3072,64,1.\n\n"
+               "--parallel, under mpirun: the layer with its experts split over the N ranks (T is\n"
+               "the global batch), against the same bytes through a plain MPI_Alltoallv and against\n"
+               "one process doing 1/N of the work (T/N tokens, E/N experts). Default shapes:\n"
+               "4096,512,1408,8,2  4096,512,352,64,8.\n");
   return status;
 }
 
@@ -76,15 +62,18 @@ int main(int argc, char** argv) {
   std::vector<BenchShape> shapes;
   int repeats = 5;
   std::string kernel = "cpu";
+  bool parallel = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") return usage(0);
+    if (a == "--parallel") {
+      parallel = true;
+      continue;
+    }
     if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
     if (a == "--shape") {
       BenchShape s{};
-      if (std::sscanf(argv[++i], "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.tokens, &s.d_model,
-                      &s.d_ff, &s.experts, &s.top_k) != 5 ||
-          s.tokens < 1 || s.d_model < 1 || s.d_ff < 1 || s.experts < 1 || s.top_k < 1 || s.top_k > s.experts) {
+      if (!parse_shape(argv[++i], s)) {
         std::fprintf(stderr, "moelab-bench: error: --shape wants T,d,F,E,k with 1 <= k <= E, got '%s'\n", argv[i]);
         return 2;
       }
@@ -96,6 +85,18 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "moelab-bench: error: unknown argument '%s'\n", a.c_str());
       return usage(2);
+    }
+  }
+  if (parallel) {
+    if (shapes.empty()) shapes = {{4096, 512, 1408, 8, 2}, {4096, 512, 352, 64, 8}};
+    try {
+      return parallel_bench(shapes, repeats, kernel);
+    } catch (const UsageError& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 1;
     }
   }
   if (shapes.empty()) shapes = {{4096, 512, 1408, 8, 2}, {4096, 512, 352, 64, 8}, {4096, 768, 3072, 64, 1}};

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "moelab/error.hpp"
+#include "moelab/parallel.hpp"
 #include "moelab/registry.hpp"
 
 namespace moelab::cli {
@@ -22,14 +23,6 @@ Comm* g_abort_world = nullptr;
 // can still end every rank (guarded() aborts after the command returned or threw); MPI is
 // finalised when the process exits.
 std::shared_ptr<Comm> g_world;
-
-int64_t env_int(const char* name) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long long parsed = std::strtoll(value, &end, 10);
-  return end != nullptr && *end == '\0' && parsed > 0 ? parsed : 0;
-}
 
 bool on_path(const std::string& program) {
   const char* path = std::getenv("PATH");
@@ -48,21 +41,8 @@ bool on_path(const std::string& program) {
 
 }  // namespace
 
-int64_t launcher_world_size() {
-  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
-    if (const int64_t size = env_int(name); size > 0) return size;
-  return 0;
-}
-
 std::shared_ptr<Comm> join_world(const PluginRegistry& registry) {
-  const int64_t size = launcher_world_size();
-  if (size == 0) return nullptr;
-  if (registry.find(PluginKind::comm, "mpi") == nullptr)
-    throw UsageError(
-        fmt::format("mpirun started this process as one of {} ranks, but this moelab has no 'mpi' comm plugin "
-                    "(it is built where Open MPI is installed: tools/setup-deps, then rebuild)",
-                    size));
-  g_world = registry.make_comm("mpi", defaults_of(registry.require(PluginKind::comm, "mpi").schema));
+  g_world = join_launched_world(registry);
   return g_world;
 }
 

@@ -16,10 +16,7 @@ class PluginRegistry;
 
 namespace moelab::cli {
 
-// The world size mpirun (Open MPI, or a PMI launcher) gave this process; 0 when it did not start it.
-int64_t launcher_world_size();
-// The `mpi` comm plugin's world when mpirun started this process, or null (one process).
-// UsageError when mpirun started it and there is no mpi plugin.
+// join_launched_world (parallel.hpp), kept alive until the process exits.
 std::shared_ptr<Comm> join_world(const PluginRegistry& registry);
 // Replaces this process with `mpirun -np N <this moelab> run ARGS`, adding --allow-run-as-root
 // for root and --oversubscribe for more ranks than cores. UsageError when mpirun is missing.

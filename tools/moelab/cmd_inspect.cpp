@@ -14,6 +14,7 @@
 #include "moelab/model_shape.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
+#include "moelab/run_check.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -72,17 +73,21 @@ boost::json::object memory_json(double params) {
 
 int cmd_inspect(const Args& args) {
   const ArgSpec spec{
-      "moelab inspect RECIPE [--set KEY=VALUE]... [--point N] [--seq-len N] [--json]",
+      "moelab inspect RECIPE [--set KEY=VALUE]... [--point N] [--seq-len N] [--nproc N] [--json]",
       "Describes the model a recipe builds, without allocating it: total parameters, parameters\n"
       "active per token (all but the routed experts a token is not sent to), forward FLOPs per token\n"
       "(2 per multiply-add; attention scores with each query over N keys, default 4096) and parameter\n"
       "memory in f32, bf16 and fp8, broken down by embeddings, attention, dense FFN, routed experts,\n"
       "shared experts, routers, norms and head. The MoE layer's counts come from its real plugins built\n"
       "on the meta kernel; multi-token prediction modules are reported apart from the total. For a\n"
-      "recipe with a [sweep], --point N describes its N-th run (the order `moelab show` lists).",
+      "recipe with a [sweep], --point N describes its N-th run (the order `moelab show` lists).\n"
+      "On several ranks ([parallel], or --nproc N) it checks the layout and adds what one rank\n"
+      "holds: its parameters (its share of the routed experts) and a lower bound of its training\n"
+      "memory (weights, gradients, AdamW state, saved activations, logits, corpus).",
       {{"--set", "override a recipe key, VALUE parsed as TOML (repeatable)"},
        {"--point", "describe the N-th run of a sweep (1-based)"},
-       {"--seq-len", "keys each query attends to, for the attention-score FLOPs (default 4096)"}},
+       {"--seq-len", "keys each query attends to, for the attention-score FLOPs (default 4096)"},
+       {"--nproc", "describe one of N ranks (mpirun -np N); default: the recipe's expert x data"}},
       {{"--json", "print the figures as JSON"}},
       1,
       1};
@@ -109,6 +114,11 @@ int cmd_inspect(const Args& args) {
   const LayerSpec& s = config.layer;
   const double total = counts.total.sum(), active = counts.active.sum();
   const double mtp_total = counts.mtp_total.sum(), mtp_active = counts.mtp_active.sum();
+  const int64_t world = run_world(config.parallel, integer_option(parsed, "--nproc", 0, 1));
+  check_parallel_layout(config, recipe, world);
+  // The corpus is left out: inspect describes the model, and does not read the data.
+  const MemoryEstimate rank = estimate_memory(config, registry, 0, world);
+  const int64_t data_ranks = world / config.parallel.expert;
 
   if (parsed.flag("--json")) {
     boost::json::object o;
@@ -134,6 +144,17 @@ int cmd_inspect(const Args& args) {
     o["forward_flops_per_token"] = counts.forward_flops_per_token;
     o["attention_score_flops_per_token"] = counts.attention_score_flops_per_token;
     o["memory_bytes"] = memory_json(total);
+    o["per_rank"] = {{"ranks", world},
+                     {"expert", config.parallel.expert},
+                     {"data", data_ranks},
+                     {"parameters", count_json(rank.parameters, true)},
+                     {"training_memory_bytes",
+                      {{"weights", count_json(rank.weights, true)},
+                       {"gradients", count_json(rank.gradients, true)},
+                       {"optimizer", count_json(rank.optimizer, true)},
+                       {"activations", count_json(rank.activations, true)},
+                       {"logits", count_json(rank.logits, true)},
+                       {"total", count_json(rank.total(), true)}}}};
     o["mtp"] = {{"modules", m.mtp_modules},
                 {"parameters", parts_json(counts.mtp_total, true)},
                 {"active_parameters", parts_json(counts.mtp_active, false)}};
@@ -181,6 +202,15 @@ int cmd_inspect(const Args& args) {
               counts.attention_score_flops_per_token, static_cast<long long>(seq_len));
   std::printf("  parameter memory: f32 %s, bf16 %s, fp8 %s\n", bytes(total * 4).c_str(), bytes(total * 2).c_str(),
               bytes(total).c_str());
+  std::printf(
+      "  %s: %s parameters (%s), training memory at least %s (%s; corpus not counted)\n",
+      world > 1 ? fmt::format("per rank of {} (expert {} x data {})", world, config.parallel.expert, data_ranks).c_str()
+                : "one process",
+      human(rank.parameters).c_str(),
+      world > 1 && config.parallel.expert > 1
+          ? fmt::format("1/{} of the routed experts", config.parallel.expert).c_str()
+          : "every parameter",
+      bytes(rank.total()).c_str(), rank.describe().c_str());
   if (config.reference.published_total_params > 0) {
     const double published = static_cast<double>(config.reference.published_total_params);
     std::printf("  published total %s: inspect %+.2f%%\n", human(published).c_str(), 100.0 * (total / published - 1));

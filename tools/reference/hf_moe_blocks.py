@@ -265,7 +265,7 @@ def differing_rows(a, b):
 # ------------------------------------------------------------------------------------------------
 # The blocks: HF config, weight shapes under HF names, and where each moelab parameter lives in
 # them (rows of HF tensors stacked, per expert when "{e}" appears) — written from the HF modelling
-# code independently of framework/src/weight_names.cpp, so the check covers that mapping too.
+# code independently of framework/src/formats/weight_names.cpp, so the check covers that mapping too.
 
 TOKENS, D_MODEL = 64, 32
 

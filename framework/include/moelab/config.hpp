@@ -48,7 +48,7 @@ const char* norm_name(NormKind norm);
 
 // The transformer the MoE layers sit in. The defaults describe what `moelab run` trains today:
 // one MoE layer and nothing around it (no embeddings, attention or norms), so recipes that only
-// state an MoE layer keep their meaning. framework/src/model_shape.cpp counts it.
+// state an MoE layer keep their meaning. framework/src/model/model_shape.cpp counts it.
 struct ModelConfig {
   int64_t d_model = 64;
   DType dtype = DType::f32;

@@ -106,6 +106,27 @@ struct LayerInput {
   const Tensor* token_ids = nullptr;  // host i32 [T], for hash routing
 };
 
+namespace moe_detail {
+struct ExchangeBuffers;  // moe_layer_internal.hpp
+}
+
+// Where a layer's forwards and backwards on several ranks spent their time, summed since the
+// last reset (host wall clock: a device kernel's asynchronous work is charged where it is next
+// waited for). moelab-bench --parallel reads it; one process leaves it at zero.
+struct ExchangeProfile {
+  double route_seconds = 0;     // gathering the global batch, the router, capacity, balancers
+  double permute_seconds = 0;   // dispatch and combine, on this rank: counting, row order, the combine
+  double transfer_seconds = 0;  // dispatch and combine, between ranks: the counts and the four row exchanges
+  double wait_seconds = 0;      // with separate_waits: waiting for slower ranks before an exchange
+  double experts_seconds = 0;   // the local (and shared) experts, forward and backward
+  // A barrier before each exchange, so that a slower rank's expert work (load imbalance) is
+  // charged to wait_seconds, not to the transfer. Costs a barrier's latency; off in training.
+  bool separate_waits = false;
+  // The last forward's dispatch alltoallv, bytes per rank of the expert group (the combine
+  // sends them back; the backward repeats both).
+  std::vector<int64_t> send_bytes, recv_bytes;
+};
+
 class MoeLayer : public Module {
  public:
   // On several ranks (parallel.distributed()), every rank constructs the layer together: the
@@ -140,6 +161,7 @@ class MoeLayer : public Module {
   // Parameters split over the expert group: this rank holds experts [first, first + count) of
   // their leading dimension (empty in one process).
   bool is_sharded(const Parameter* p) const;
+  ExchangeProfile& exchange_profile() { return profile_; }
 
  private:
   struct Saved;
@@ -178,6 +200,8 @@ class MoeLayer : public Module {
   CapacityScope capacity_scope_;
   std::vector<const Parameter*> sharded_;
   std::unique_ptr<Exchange> exchange_;
+  std::unique_ptr<moe_detail::ExchangeBuffers> buffers_;
+  ExchangeProfile profile_;
 };
 
 }  // namespace moelab

@@ -14,6 +14,14 @@
 
 namespace moelab {
 
+class PluginRegistry;
+
+// The world size mpirun (Open MPI, or a PMI launcher) gave this process; 0 when it did not start it.
+int64_t launcher_world_size();
+// The `mpi` comm plugin's world when mpirun started this process, or null (one process).
+// UsageError when mpirun started it and there is no mpi plugin.
+std::shared_ptr<Comm> join_launched_world(const PluginRegistry& registry);
+
 // One process: a LocalComm world; every group is that one rank.
 std::unique_ptr<Comm> make_local_comm();
 

@@ -16,22 +16,30 @@ class Recipe;
 
 // A lower bound of what one run allocates, in bytes: every term is memory the trainer certainly
 // holds at once (no workspace, allocator slack or thread stacks are counted).
+// Per rank: on several ranks each holds its share of the routed experts and of the batch (and,
+// for routing, the MoE layers' inputs of the whole batch); everything else is replicated.
 struct MemoryEstimate {
-  double parameters = 0;   // the model's (or the layer's) parameters, once, MTP modules included
-  double weights = 0;      // parameters x element size
-  double gradients = 0;    // one gradient per parameter
-  double optimizer = 0;    // AdamW's two moments per parameter
-  double activations = 0;  // what one step's forward saves for its backward: 4 rows of d_model per token and layer
-  double logits = 0;       // the LM head's logits of one step: tokens x vocab_size
-  double corpus = 0;       // the token data held in memory (files as read, or the Markov tables)
-  double total() const { return weights + gradients + optimizer + activations + logits + corpus; }
+  int64_t ranks = 1;
+  double model_parameters = 0;  // the model's (or the layer's) parameters, once, MTP modules included
+  double parameters = 0;        // those a rank holds: the routed experts split over parallel.expert
+  double weights = 0;           // parameters x element size
+  double gradients = 0;         // one gradient per parameter
+  double optimizer = 0;         // AdamW's two moments per parameter
+  double activations = 0;       // what one step's forward saves for its backward: 4 rows of d_model per token and
+                                // layer, and on several ranks each MoE layer's gathered input
+  double logits = 0;            // the LM head's logits of one step: tokens x vocab_size
+  double corpus = 0;            // the token data held in memory (files as read, or the Markov tables)
+  double total() const { return weights + gradients + optimizer + activations + logits + corpus; }  // one rank
+  double all_ranks() const { return total() * static_cast<double>(ranks); }
   // "weights 1.2 GiB, gradients 1.2 GiB, AdamW state 2.4 GiB, ..."
   std::string describe() const;
 };
 
-// The estimate for `config`; `corpus_bytes` from token_data_bytes (0 for the layer-only task).
-// Builds the MoE layer on the meta kernel to count its parameters (no weight is allocated).
-MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& registry, double corpus_bytes);
+// The estimate for `config` on `world` ranks (its [parallel] layout); `corpus_bytes` from
+// token_data_bytes (0 for the layer-only task). Builds the MoE layer on the meta kernel to count
+// its parameters (no weight is allocated).
+MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& registry, double corpus_bytes,
+                               int64_t world = 1);
 
 // The memory a run may use: this machine's physical memory, or the cgroup limit when lower.
 double machine_memory_bytes();
@@ -47,6 +55,9 @@ struct CheckOptions {
 
 // The ranks a run of `config` has when `world` (0: not known) ranks are started.
 int64_t run_world(const ParallelConfig& parallel, int64_t world);
+// The [parallel] layout against `world` ranks, the model and the batch; UsageError with every
+// problem at its recipe key.
+void check_parallel_layout(const RunConfig& config, const Recipe& recipe, int64_t world);
 
 // Throws UsageError carrying a diagnostic at the recipe's key for every reason `config` cannot
 // run: a model the trainer does not support, data that is missing or does not fit the

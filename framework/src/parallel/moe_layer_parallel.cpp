@@ -20,9 +20,10 @@
 // replicas by the trainer.
 #include <fmt/format.h>
 
+#include <chrono>
 #include <numeric>
 
-#include "../moe_layer_internal.hpp"
+#include "../model/moe_layer_internal.hpp"
 #include "moelab/meta_ops.hpp"
 #include "moelab/registry.hpp"
 
@@ -30,13 +31,62 @@ namespace moelab {
 
 using namespace moe_detail;
 
+Tensor ExchangeBuffers::rows(int role, DType dtype, int64_t count, int64_t d) {
+  Tensor& buffer = host[role];
+  if (!buffer.defined() || buffer.dtype() != dtype || buffer.dim(1) != d || buffer.dim(0) < count)
+    buffer = host_tensor(dtype, {std::max<int64_t>(1, count + count / 4), d});  // room for the next steps' jitter
+  return buffer.rows(0, count);
+}
+
 namespace {
 
-// Rows [R, d] (`send_rows[r]` of them for rank r, packed in rank order) to the ranks of `comm`;
-// returns the rows received, `recv_rows[r]` from rank r, packed the same way.
-Tensor exchange_rows(Ops& ops, Comm& comm, const Tensor& rows, const std::vector<int64_t>& send_rows,
-                     const std::vector<int64_t>& recv_rows, int64_t d) {
-  const Tensor send = ops.to_host(rows);
+// Charges the wall time since the last charge to one of the profile's figures.
+class Laps {
+ public:
+  explicit Laps(ExchangeProfile& profile) : profile_(profile) {}
+  void charge(double ExchangeProfile::*figure) {
+    const auto now = std::chrono::steady_clock::now();
+    profile_.*figure += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  // A collective of the expert exchange: what came before it was row ordering; with
+  // separate_waits, a barrier first takes the wait for slower ranks out of the transfer.
+  template <class F>
+  void transfer(Comm& comm, F&& collective) {
+    charge(&ExchangeProfile::permute_seconds);
+    if (profile_.separate_waits) {
+      comm.barrier();
+      charge(&ExchangeProfile::wait_seconds);
+    }
+    collective();
+    charge(&ExchangeProfile::transfer_seconds);
+  }
+
+ private:
+  ExchangeProfile& profile_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+// The rows `index` of src [*, d] that this rank sends, in role's send buffer (on the cpu kernel
+// the buffer itself; elsewhere a device tensor, copied to the buffer by exchange_rows).
+Tensor rows_to_send(Ops& ops, ExchangeBuffers& buffers, int role, const Tensor& src, const Tensor& index,
+                    int64_t count) {
+  const int64_t d = src.dim(1);
+  Tensor out = ops.device() == DeviceKind::cpu && src.device() == DeviceKind::cpu
+                   ? buffers.rows(role, src.dtype(), count, d)
+                   : ops.empty(src.dtype(), {count, d});
+  if (count > 0) ops.gather_rows(src, index, out);
+  return out;
+}
+
+// Rows [R, d] (`send_rows[r]` of them for rank r, packed in rank order) to the ranks of `comm`
+// from send buffer `role`, into receive buffer role + 1; returns the rows received, `recv_rows[r]`
+// from rank r, packed the same way.
+Tensor exchange_rows(Ops& ops, Comm& comm, ExchangeBuffers& buffers, int role, const Tensor& rows,
+                     const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows, Laps& laps) {
+  const int64_t d = rows.dim(1);
+  Tensor send = buffers.rows(role, rows.dtype(), rows.dim(0), d);
+  if (rows.raw() != send.raw() && rows.numel() > 0) ops.copy(rows, send);
   const int64_t row_bytes = d * static_cast<int64_t>(dtype_size(rows.dtype()));
   std::vector<int64_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
   int64_t received = 0;
@@ -45,8 +95,8 @@ Tensor exchange_rows(Ops& ops, Comm& comm, const Tensor& rows, const std::vector
     recv_bytes[r] = recv_rows[r] * row_bytes;
     received += recv_rows[r];
   }
-  Tensor recv = host_tensor(rows.dtype(), {received, d});
-  comm.alltoallv(send.raw(), send_bytes, recv.raw(), recv_bytes);
+  Tensor recv = buffers.rows(role + 1, rows.dtype(), received, d);
+  laps.transfer(comm, [&] { comm.alltoallv(send.raw(), send_bytes, recv.raw(), recv_bytes); });
   return ops.to_device(recv);
 }
 
@@ -123,6 +173,7 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   const int64_t local_tokens = x.dim(0), d = spec_.d_model, experts = spec_.num_experts;
   expect_shape(x, {local_tokens, d}, "MoE layer input");
   const int64_t ranks = world.size(), offset = world.rank() * local_tokens, tokens = local_tokens * ranks;
+  Laps laps(profile_);
   auto saved = std::make_unique<Saved>();
   saved->x = x;
   saved->x_global = ops_.to_device(allgather_rows(world, ops_.to_host(x)));
@@ -148,6 +199,7 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
                                            capacity_scope_ == CapacityScope::local ? local_tokens : tokens);
   saved->offsets = dispatch.offsets;
   saved->final_expert = dispatch.final_expert;
+  laps.charge(&ExchangeProfile::route_seconds);
 
   // 1-2. This rank's rows, already in (expert, assignment) order, and their counts.
   const int64_t local_experts = parallel_->local_experts(experts), members = group.size();
@@ -164,7 +216,9 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
       ++send_counts[static_cast<size_t>(e)];
     }
   std::vector<int64_t> recv_counts(static_cast<size_t>(experts), 0);  // [source, local expert]
-  group.alltoall(send_counts.data(), local_experts * static_cast<int64_t>(sizeof(int64_t)), recv_counts.data());
+  laps.transfer(group, [&] {
+    group.alltoall(send_counts.data(), local_experts * static_cast<int64_t>(sizeof(int64_t)), recv_counts.data());
+  });
   ex->send_rows.assign(static_cast<size_t>(members), 0);
   ex->recv_rows.assign(static_cast<size_t>(members), 0);
   for (int64_t m = 0; m < members; ++m)
@@ -177,8 +231,10 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   ex->send_assignment = upload_ints(ops_, send_assignment);
 
   // 3. The rows out, and the received rows into (expert, source rank) order.
-  const Tensor send_x = gathered(ops_, x, ex->send_token, sent, d);
-  const Tensor recv_x = exchange_rows(ops_, group, send_x, ex->send_rows, ex->recv_rows, d);
+  if (!buffers_) buffers_ = std::make_unique<ExchangeBuffers>();
+  ExchangeBuffers& buffers = *buffers_;
+  const Tensor send_x = rows_to_send(ops_, buffers, 0, x, ex->send_token, sent);
+  const Tensor recv_x = exchange_rows(ops_, group, buffers, 0, send_x, ex->send_rows, ex->recv_rows, laps);
   const int64_t received = recv_x.dim(0);
   std::vector<int64_t> block_start(static_cast<size_t>(members * local_experts), 0);  // in recv order
   int64_t at = 0;
@@ -202,26 +258,37 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   ex->recv_of_sorted = upload_ints(ops_, recv_of_sorted);
   ex->sorted_of_recv = upload_ints(ops_, sorted_of_recv);
   ex->x_sorted = gathered(ops_, recv_x, ex->recv_of_sorted, received, d);
+  profile_.send_bytes = ex->send_rows;
+  profile_.recv_bytes = ex->recv_rows;
+  for (int64_t m = 0; m < members; ++m) {
+    profile_.send_bytes[static_cast<size_t>(m)] *= d * static_cast<int64_t>(dtype_size(x.dtype()));
+    profile_.recv_bytes[static_cast<size_t>(m)] *= d * static_cast<int64_t>(dtype_size(x.dtype()));
+  }
+  laps.charge(&ExchangeProfile::permute_seconds);
 
   // 4. The local experts, in one grouped call.
   ex->y_sorted = ops_.empty(x.dtype(), {received, d});
   ex->experts_context = in_plugin(experts_tag_, "forward",
                                   [&] { return experts_->forward(ops_, ex->x_sorted, ex->offsets, ex->y_sorted); });
+  laps.charge(&ExchangeProfile::experts_seconds);
 
   // 5. The outputs back, and the weighted combine.
-  const Tensor y_recv = gathered(ops_, ex->y_sorted, ex->sorted_of_recv, received, d);
-  ex->y_back = exchange_rows(ops_, group, y_recv, ex->recv_rows, ex->send_rows, d);
+  const Tensor y_recv = rows_to_send(ops_, buffers, 2, ex->y_sorted, ex->sorted_of_recv, received);
+  ex->y_back = exchange_rows(ops_, group, buffers, 2, y_recv, ex->recv_rows, ex->send_rows, laps);
   ex->send_weight = ops_.empty(x.dtype(), {sent, 1});
   if (sent > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), ex->send_assignment, ex->send_weight);
   ex->send_weight = ex->send_weight.reshaped({sent});
   Tensor y = ops_.zeros(x.dtype(), {local_tokens, d});
   if (sent > 0) ops_.scatter_add_rows(ex->y_back, ex->send_token, &ex->send_weight, y);
+  laps.charge(&ExchangeProfile::permute_seconds);
   if (experts_->has_shared())
     saved->shared_context =
         in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
+  laps.charge(&ExchangeProfile::experts_seconds);
 
   finish_stats(dispatch, probs_host, tokens);
   balancers_forward(*saved, ctx);
+  laps.charge(&ExchangeProfile::route_seconds);
   saved_ = std::move(saved);
   exchange_ = std::move(ex);
   return y;
@@ -237,16 +304,19 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   const int64_t offset = world.rank() * local_tokens;
   const int64_t sent = ex.send_token.numel(), received = ex.x_sorted.dim(0);
   const int64_t assignments = s.plan.weight.numel();
+  Laps laps(profile_);
 
   Tensor dx = ops_.zeros(s.x.dtype(), {local_tokens, d});
   if (experts_->has_shared())
     in_plugin(experts_tag_, "shared_backward",
               [&] { experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx); });
+  laps.charge(&ExchangeProfile::experts_seconds);
 
   // The combine: dL/dw of each row sent, and w * dy to its expert's rank.
   RouterGrad grad;
   grad.weight = ops_.zeros(s.plan.weight.dtype(), {assignments});
-  Tensor dy_send = gathered(ops_, dy, ex.send_token, sent, d);
+  ExchangeBuffers& buffers = *buffers_;  // ex.y_back lives in buffer 3 until the combine below
+  Tensor dy_send = rows_to_send(ops_, buffers, 0, dy, ex.send_token, sent);
   if (sent > 0) {
     Tensor drow_weight = ops_.empty(dy.dtype(), {sent});
     ops_.row_dot(dy_send, ex.y_back, drow_weight);
@@ -254,14 +324,17 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
     ops_.scatter_add_rows(drow_weight.reshaped({sent, 1}), ex.send_assignment, nullptr, dweight);
     ops_.scale_rows(ex.send_weight, dy_send);
   }
-  const Tensor dy_recv = exchange_rows(ops_, group, dy_send, ex.send_rows, ex.recv_rows, d);
+  const Tensor dy_recv = exchange_rows(ops_, group, buffers, 0, dy_send, ex.send_rows, ex.recv_rows, laps);
   const Tensor dy_sorted = gathered(ops_, dy_recv, ex.recv_of_sorted, received, d);
   Tensor dx_sorted = ops_.empty(dy.dtype(), {received, d});
+  laps.charge(&ExchangeProfile::permute_seconds);
   in_plugin(experts_tag_, "backward",
             [&] { experts_->backward(ops_, ex.x_sorted, ex.offsets, *ex.experts_context, dy_sorted, dx_sorted); });
-  const Tensor dx_recv = gathered(ops_, dx_sorted, ex.sorted_of_recv, received, d);
-  const Tensor dx_send = exchange_rows(ops_, group, dx_recv, ex.recv_rows, ex.send_rows, d);
+  laps.charge(&ExchangeProfile::experts_seconds);
+  const Tensor dx_recv = rows_to_send(ops_, buffers, 2, dx_sorted, ex.sorted_of_recv, received);
+  const Tensor dx_send = exchange_rows(ops_, group, buffers, 2, dx_recv, ex.recv_rows, ex.send_rows, laps);
   if (sent > 0) ops_.scatter_add_rows(dx_send, ex.send_token, nullptr, dx);
+  laps.charge(&ExchangeProfile::permute_seconds);
 
   // The router and balancers on the global plan, with every rank's combine-weight gradients.
   Tensor weight_host = ops_.to_host(grad.weight);
@@ -274,6 +347,7 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   Tensor dx_global = ops_.zeros(s.x.dtype(), {s.x_global.dim(0), d});
   in_plugin(router_tag_, "backward", [&] { router_->backward(s.x_global, s.plan, grad, ctx, dx_global); });
   ops_.axpy(1.0, dx_global.rows(offset, offset + local_tokens), dx);
+  laps.charge(&ExchangeProfile::route_seconds);
   return dx;
 }
 

@@ -14,11 +14,11 @@
 #include <map>
 #include <optional>
 
-#include "../run_files.hpp"
 #include "moelab/recipe.hpp"
 #include "moelab/registry.hpp"
 #include "moelab/safetensors.hpp"
 #include "moelab/sha256.hpp"
+#include "run_files.hpp"
 #include "training.hpp"
 
 namespace moelab::training {

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <map>
 
-#include "../run_files.hpp"
+#include "run_files.hpp"
 #include "training.hpp"
 
 namespace moelab::training {

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../run_files.hpp"
 #include "moelab/model_shape.hpp"
+#include "run_files.hpp"
 #include "training.hpp"
 
 namespace moelab::training {

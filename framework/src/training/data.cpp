@@ -19,9 +19,9 @@
 #include <system_error>
 #include <thread>
 
+#include "../formats/utf8.hpp"
 #include "moelab/error.hpp"
 #include "moelab/rng.hpp"
-#include "utf8.hpp"
 
 namespace moelab {
 namespace {

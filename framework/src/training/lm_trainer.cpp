@@ -20,7 +20,7 @@
 
 #include "moelab/registry.hpp"
 #include "run_files.hpp"
-#include "training/training.hpp"
+#include "training.hpp"
 
 namespace moelab {
 namespace {

@@ -78,7 +78,9 @@ void check_parallel(const RunConfig& config, const Recipe& recipe, int64_t world
   if (world % p.expert != 0) {
     out.add(first_set(recipe, {"parallel.expert", "parallel"}), "parallel.expert",
             fmt::format("parallel.expert = {} does not divide the {} ranks of the run", p.expert, world),
-            "start a multiple of parallel.expert ranks");
+            fmt::format("start a multiple of {} ranks (mpirun -np {}); to resume a run's checkpoint on other "
+                        "ranks, change its layout first with: moelab reshard RUN_DIR --expert N",
+                        p.expert, p.expert));
     return;
   }
   if (world == 1) return;
@@ -97,6 +99,12 @@ void check_parallel(const RunConfig& config, const Recipe& recipe, int64_t world
 }
 
 }  // namespace
+
+void check_parallel_layout(const RunConfig& config, const Recipe& recipe, int64_t world) {
+  Diagnostics out;
+  check_parallel(config, recipe, world, out);
+  out.throw_if_any();
+}
 
 int64_t run_world(const ParallelConfig& parallel, int64_t world) {
   if (world > 0) return world;
@@ -129,24 +137,36 @@ std::string MemoryEstimate::describe() const {
   return out;
 }
 
-MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& registry, double corpus_bytes) {
+MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& registry, double corpus_bytes,
+                               int64_t world) {
   const MoeLayerCounts moe = count_moe_layer(config, registry);
   const bool language_model = config.model.vocab_size > 0;
   const double element = static_cast<double>(dtype_size(language_model ? config.model.dtype : config.layer.dtype));
-  const double tokens = static_cast<double>(config.train.batch_size) * static_cast<double>(config.train.seq_len);
+  const double batch_tokens = static_cast<double>(config.train.batch_size) * static_cast<double>(config.train.seq_len);
+  const double ranks = static_cast<double>(std::max<int64_t>(1, world));
+  const double tokens = batch_tokens / ranks;  // this rank's share
   const double d = static_cast<double>(config.layer.d_model);
+  const double expert_split = ranks > 1 ? static_cast<double>(std::max<int64_t>(1, config.parallel.expert)) : 1.0;
   MemoryEstimate m;
+  m.ranks = std::max<int64_t>(1, world);
+  double routed = 0;
   if (language_model) {
     const ModelCounts counts = count_model(config.model, moe, config.train.seq_len);
-    m.parameters = counts.total.sum() + counts.mtp_total.sum();  // MTP modules train with the model
+    m.model_parameters = counts.total.sum() + counts.mtp_total.sum();  // MTP modules train with the model
+    routed = counts.total.routed_experts + counts.mtp_total.routed_experts;
     // Each block saves its input, the attention's normed input, the residual after attention
     // and the FFN's normed input: 4 rows of d_model per token, at least.
     m.activations = 4 * tokens * d * static_cast<double>(config.model.n_layers) * element;
+    // On several ranks every MoE layer also keeps the gathered input of the whole batch (routing).
+    if (ranks > 1)
+      m.activations += batch_tokens * d * static_cast<double>(counts.moe_layers + config.model.mtp_modules) * element;
     m.logits = tokens * static_cast<double>(config.model.vocab_size) * element;
   } else {
-    m.parameters = static_cast<double>(moe.router + moe.routed_experts + moe.shared_experts + moe.balancers);
+    m.model_parameters = static_cast<double>(moe.router + moe.routed_experts + moe.shared_experts + moe.balancers);
+    routed = static_cast<double>(moe.routed_experts);
     m.activations = 3 * tokens * d * element;  // the batch's inputs, targets and outputs
   }
+  m.parameters = m.model_parameters - routed + routed / expert_split;
   m.weights = m.parameters * element;
   m.gradients = m.weights;
   m.optimizer = 2 * m.weights;
@@ -170,16 +190,24 @@ void check_run(const RunConfig& config, const Recipe& recipe, const PluginRegist
                const CheckOptions& options) {
   Diagnostics out;
   check_trainable(config, recipe, out);
-  check_parallel(config, recipe, run_world(config.parallel, options.world), out);
+  const int64_t world = run_world(config.parallel, options.world);
+  check_parallel(config, recipe, world, out);
   const double corpus = check_data(config, recipe, options, out);
-  const MemoryEstimate memory = estimate_memory(config, registry, corpus);
+  const MemoryEstimate memory = estimate_memory(config, registry, corpus, world);
   const double available = options.memory_bytes > 0 ? options.memory_bytes : machine_memory_bytes();
-  if (available > 0 && memory.total() > available) {
+  if (available > 0 && memory.all_ranks() > available) {
     const char* key = dominant_key(memory);
+    const std::string need =
+        world > 1 ? fmt::format(
+                        "its {} ranks, all on this machine, need at least {} of memory, {} each ({}; {:.4g} "
+                        "parameters per rank)",
+                        world, format_bytes(memory.all_ranks()), format_bytes(memory.total()), memory.describe(),
+                        memory.parameters)
+                  : fmt::format("this run needs at least {} of memory ({}; {:.4g} parameters)",
+                                format_bytes(memory.total()), memory.describe(), memory.parameters);
     out.add(first_set(recipe, {key, "model", "train"}), key,
-            fmt::format("this run needs at least {} of memory ({}; {:.4g} parameters), but {} has {}",
-                        format_bytes(memory.total()), memory.describe(), memory.parameters,
-                        options.memory_bytes > 0 ? "--memory-gib gives" : "this machine", format_bytes(available)),
+            fmt::format("{}, but {} has {}", need, options.memory_bytes > 0 ? "--memory-gib gives" : "this machine",
+                        format_bytes(available)),
             "make the model, train.batch_size x train.seq_len or the corpus smaller; `moelab inspect` describes a "
             "model of any size without allocating it");
   }
