@@ -45,16 +45,9 @@ std::string mpirun(int ranks) {
          std::to_string(ranks) + " ";
 }
 
+// A command line with its stderr folded into its stdout.
 moelab::test::CommandResult shell(const std::string& command) {
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  moelab::test::CommandResult result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
-  const int status = pclose(pipe);
-  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
+  return moelab::test::run_shell(command + " 2>&1");
 }
 
 // Every weight of the run's checkpoint, its expert slices joined.

@@ -17,10 +17,8 @@ struct CommandResult {
   std::string output;
 };
 
-// Runs `moelab ARGUMENTS` with stderr folded into stdout (or discarded, for --json).
-inline CommandResult run_moelab(const std::string& arguments, bool with_stderr = true) {
-  REQUIRE_MESSAGE(std::filesystem::exists(kMoelab), kMoelab << " is not built");
-  const std::string command = "'" + kMoelab.string() + "' " + arguments + (with_stderr ? " 2>&1" : " 2>/dev/null");
+// Runs a shell command line as given; its stdout, and its exit status (-1 when killed).
+inline CommandResult run_shell(const std::string& command) {
   FILE* pipe = popen(command.c_str(), "r");
   REQUIRE(pipe != nullptr);
   CommandResult result;
@@ -30,6 +28,12 @@ inline CommandResult run_moelab(const std::string& arguments, bool with_stderr =
   const int status = pclose(pipe);
   result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+// Runs `moelab ARGUMENTS` with stderr folded into stdout (or discarded, for --json).
+inline CommandResult run_moelab(const std::string& arguments, bool with_stderr = true) {
+  REQUIRE_MESSAGE(std::filesystem::exists(kMoelab), kMoelab << " is not built");
+  return run_shell("'" + kMoelab.string() + "' " + arguments + (with_stderr ? " 2>&1" : " 2>/dev/null"));
 }
 
 inline std::string quoted(const std::filesystem::path& path) {

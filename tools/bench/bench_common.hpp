@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moelab/config.hpp"
+#include "moelab/moe_layer.hpp"
 #include "moelab/registry.hpp"
 
 namespace moelab::bench {
@@ -47,6 +48,15 @@ inline PluginChoice defaults(const PluginRegistry& registry, PluginKind kind, co
   c.params = defaults_of(registry.require(kind, name).schema);
   return c;
 }
+
+// The benchmarked layer with `experts` experts: softmax_topk router, glu experts of the shape's
+// d_ff, dropless, f32 (the one-process reference of --parallel has fewer experts).
+MoeConfig layer_config(const PluginRegistry& registry, const BenchShape& s, int64_t experts);
+LayerSpec layer_spec(const BenchShape& s, int64_t experts);
+// Fresh N(0, 1) rows [rows, d] on the kernel's device.
+Tensor random_rows(Ops& ops, int64_t rows, int64_t d, Rng& rng);
+// The kernel plugin `name` with its default parameters.
+std::shared_ptr<Ops> default_kernel(const PluginRegistry& registry, const std::string& name);
 
 // Parses T,d,F,E,k; false when it is not five positive integers with k <= E.
 bool parse_shape(const char* text, BenchShape& s);

@@ -34,6 +34,36 @@ bool parse_shape(const char* text, BenchShape& s) {
          s.tokens >= 1 && s.d_model >= 1 && s.d_ff >= 1 && s.experts >= 1 && s.top_k >= 1 && s.top_k <= s.experts;
 }
 
+MoeConfig layer_config(const PluginRegistry& registry, const BenchShape& s, int64_t experts) {
+  MoeConfig moe;
+  moe.num_experts = experts;
+  moe.top_k = s.top_k;
+  moe.overflow = Overflow::dropless;
+  moe.router = defaults(registry, PluginKind::router, "softmax_topk");
+  moe.experts = defaults(registry, PluginKind::experts, "glu");
+  moe.experts.params.set("d_ff", s.d_ff);
+  return moe;
+}
+
+LayerSpec layer_spec(const BenchShape& s, int64_t experts) {
+  LayerSpec spec;
+  spec.d_model = s.d_model;
+  spec.num_experts = experts;
+  spec.top_k = s.top_k;
+  spec.dtype = DType::f32;
+  return spec;
+}
+
+Tensor random_rows(Ops& ops, int64_t rows, int64_t d, Rng& rng) {
+  Tensor host = host_tensor(DType::f32, {rows, d});
+  fill_normal(host, 1.0, rng);
+  return ops.to_device(host);
+}
+
+std::shared_ptr<Ops> default_kernel(const PluginRegistry& registry, const std::string& name) {
+  return registry.make_kernel(name, defaults_of(registry.require(PluginKind::kernel, name).schema));
+}
+
 }  // namespace moelab::bench
 
 namespace {
@@ -103,8 +133,7 @@ int main(int argc, char** argv) {
 
   try {
     PluginRegistry registry = PluginRegistry::with_default_path();
-    std::shared_ptr<Ops> ops =
-        registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
+    std::shared_ptr<Ops> ops = default_kernel(registry, kernel);
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
     std::printf(
         "kernel %s, OPENBLAS_CORETYPE=%s, median of %d rounds (dense, forward, forward+backward "
@@ -113,26 +142,10 @@ int main(int argc, char** argv) {
     std::printf("| T | d | F | E | k | dense GFLOP/s | fwd GFLOP/s | fwd/dense | fwd+bwd GFLOP/s | fwd+bwd/dense |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     for (const BenchShape& s : shapes) {
-      MoeConfig moe;
-      moe.num_experts = s.experts;
-      moe.top_k = s.top_k;
-      moe.overflow = Overflow::dropless;
-      moe.router = defaults(registry, PluginKind::router, "softmax_topk");
-      moe.experts = defaults(registry, PluginKind::experts, "glu");
-      moe.experts.params.set("d_ff", s.d_ff);
-      LayerSpec spec;
-      spec.d_model = s.d_model;
-      spec.num_experts = s.experts;
-      spec.top_k = s.top_k;
-      spec.dtype = DType::f32;
       Rng rng(1);
-      MoeLayer layer(moe, spec, registry, *ops, rng);
-      Tensor x_host = host_tensor(DType::f32, {s.tokens, s.d_model});
-      fill_normal(x_host, 1.0, rng);
-      const Tensor x = ops->to_device(x_host);
-      Tensor dy_host = host_tensor(DType::f32, {s.tokens, s.d_model});
-      fill_normal(dy_host, 1.0, rng);
-      const Tensor dy = ops->to_device(dy_host);
+      MoeLayer layer(layer_config(registry, s, s.experts), layer_spec(s, s.experts), registry, *ops, rng);
+      const Tensor x = random_rows(*ops, s.tokens, s.d_model, rng);
+      const Tensor dy = random_rows(*ops, s.tokens, s.d_model, rng);
 
       const double expert_flops = static_cast<double>(s.tokens * s.top_k) * layer.experts().flops_per_routed_token();
       const double router_flops = 2.0 * static_cast<double>(s.tokens * s.d_model * s.experts);
@@ -141,15 +154,11 @@ int main(int argc, char** argv) {
       // The dense reference: one dense SwiGLU FFN of the experts' shape over all T*k routed rows,
       // i.e. the same expert FLOPs as two plain GEMMs [T*k, d] x [d, 2F] and [T*k, F] x [F, d].
       const int64_t rows = s.tokens * s.top_k;
-      Tensor a_host = host_tensor(DType::f32, {rows, s.d_model});
-      fill_normal(a_host, 1.0, rng);
-      const Tensor a = ops->to_device(a_host);
+      const Tensor a = random_rows(*ops, rows, s.d_model, rng);
       Tensor w_up_host = host_tensor(DType::f32, {s.d_model, 2 * s.d_ff});
       fill_normal(w_up_host, 0.02, rng);
       const Tensor w_up = ops->to_device(w_up_host);
-      Tensor h_host = host_tensor(DType::f32, {rows, s.d_ff});
-      fill_normal(h_host, 1.0, rng);
-      const Tensor h = ops->to_device(h_host);
+      const Tensor h = random_rows(*ops, rows, s.d_ff, rng);
       Tensor w_down_host = host_tensor(DType::f32, {s.d_ff, s.d_model});
       fill_normal(w_down_host, 0.02, rng);
       const Tensor w_down = ops->to_device(w_down_host);

@@ -38,32 +38,6 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-MoeConfig layer_config(const PluginRegistry& registry, const BenchShape& s, int64_t experts) {
-  MoeConfig moe;
-  moe.num_experts = experts;
-  moe.top_k = s.top_k;
-  moe.overflow = Overflow::dropless;
-  moe.router = defaults(registry, PluginKind::router, "softmax_topk");
-  moe.experts = defaults(registry, PluginKind::experts, "glu");
-  moe.experts.params.set("d_ff", s.d_ff);
-  return moe;
-}
-
-LayerSpec layer_spec(const BenchShape& s, int64_t experts) {
-  LayerSpec spec;
-  spec.d_model = s.d_model;
-  spec.num_experts = experts;
-  spec.top_k = s.top_k;
-  spec.dtype = DType::f32;
-  return spec;
-}
-
-Tensor random_rows(Ops& ops, int64_t rows, int64_t d, Rng& rng) {
-  Tensor host = host_tensor(DType::f32, {rows, d});
-  fill_normal(host, 1.0, rng);
-  return ops.to_device(host);
-}
-
 struct Figures {
   double raw = 0, transfer = 0, exchange = 0, wait = 0, route = 0, experts = 0, step = 0, reference = 0;
   double send_mb = 0;  // rank 0's rows out, per exchange
@@ -159,8 +133,7 @@ int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std
                       "E/{} (the one-process reference runs E/{} experts)",
                       s.tokens, s.d_model, s.d_ff, s.experts, s.top_k, n, n, n, n));
   const Parallel parallel(world, n);
-  std::shared_ptr<Ops> ops =
-      registry.make_kernel(kernel, defaults_of(registry.require(PluginKind::kernel, kernel).schema));
+  std::shared_ptr<Ops> ops = default_kernel(registry, kernel);
   const bool lead = world->rank() == 0;
   if (lead) {
     const char* threads = std::getenv("OPENBLAS_NUM_THREADS");
