@@ -7,7 +7,8 @@
 //                 ~1e-7, reaches ~1e-5 in parameters whose gradients are near zero; measured at most
 //                 1e-5 over these cases)
 // for dropless, drop and reroute, token and expert choice, and the aux-loss-free bias, with
-// global capacity; a rank that sends and receives nothing; a rank that raises or is killed
+// global capacity; local capacity and balancing against one process counting the same
+// micro-batches; a rank that sends and receives nothing; a rank that raises or is killed
 // (every rank stops, resume equals the uninterrupted run bit for bit); reshard 4 -> 1 -> 2.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -186,6 +187,31 @@ TEST_CASE("expert choice") {
 }
 TEST_CASE("aux-loss-free bias balancing") {
   check_case("aux_free_bias", "--set 'moe.balancers=[{type = \"aux_free_bias\"}]'");
+}
+
+TEST_CASE("micro-batch-local capacity and balancing on 2 and 4 ranks train as one process with those micro-batches") {
+  // [parallel] capacity = balance = "local": each rank's capacity over its own 4 (2) sequences and
+  // each rank's switch_aux on its own micro-batch, averaged; one process given micro_batch = 4 (2)
+  // counts the same micro-batches.
+  const std::string sets = "--set parallel.capacity=local --set parallel.balance=local --set moe.overflow=drop";
+  moelab::test::ScratchFolder scratch("parallel_local");
+  const Trained global = train(scratch, "global", 0, 1, "--set moe.overflow=drop");
+  for (int ranks : {2, 4}) {
+    const int sequences = 8 / ranks;
+    const Trained one = train(scratch, "one_" + std::to_string(ranks), 0, 1,
+                              sets + " --set parallel.micro_batch=" + std::to_string(sequences));
+    CHECK(one.loss.at(20) != global.loss.at(20));  // the local forms change the training
+    for (const Layout& layout : kLayouts) {
+      if (layout.ranks != ranks) continue;
+      const std::string label = "local_" + std::to_string(layout.ranks) + "_" + std::to_string(layout.expert);
+      const Trained many = train(scratch, label, layout.ranks, layout.expert, sets);
+      expect_same_training(one, many, std::string("local capacity and balance on ") + layout.name);
+      // The run folder keeps the micro-batch it resolved, for eval, sample and a resharded resume.
+      std::ifstream recipe(scratch / label / "parallel_lm" / "recipe.toml");
+      const std::string text((std::istreambuf_iterator<char>(recipe)), std::istreambuf_iterator<char>());
+      CHECK(text.find("micro_batch = " + std::to_string(sequences)) != std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("a rank that sends and receives no rows still takes part, and the run equals one process") {

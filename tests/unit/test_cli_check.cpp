@@ -272,6 +272,17 @@ TEST_CASE("moelab inspect and check: a [parallel] layout, per rank") {
     CHECK(batch.output.find("train.batch_size: 16 sequences cannot be split evenly over 32 ranks") !=
           std::string::npos);
   }
+  // A micro-batch that does not divide the batch, or that nothing reads, is refused at its key.
+  const Result uneven_micro = run("check " + recipe + " --set parallel.balance=local --set parallel.micro_batch=3");
+  CAPTURE(uneven_micro.output);
+  CHECK(uneven_micro.status == 2);
+  CHECK(uneven_micro.output.find("parallel.micro_batch: 3 sequences per micro-batch do not divide "
+                                 "train.batch_size = 16") != std::string::npos);
+  const Result unused_micro = run("check " + recipe + " --set parallel.micro_batch=4");
+  CHECK(unused_micro.status == 2);
+  CHECK(unused_micro.output.find("capacity and balance are both \"global\": it would change nothing") !=
+        std::string::npos);
+  CHECK(run("check " + recipe + " --set parallel.capacity=local --set parallel.micro_batch=4").status == 0);
   // The memory check adds up the ranks sharing this machine.
   const Result crowded = run("check " + recipe + " --set parallel.expert=2 --nproc 16 --memory-gib 0.01");
   CAPTURE(crowded.output);

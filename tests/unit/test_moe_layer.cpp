@@ -84,11 +84,12 @@ MoeConfig small_moe(const std::string& router, const std::string& experts, std::
 // L = sum(y * R) + aux. Checks dL/dx and dL/dparam for every parameter element against central
 // differences. In double with h = 1e-6 the truncation error is ~h^2 and the rounding error
 // ~1e-16 |L| / h ~ 1e-10, so a relative tolerance of 1e-6 has three orders of margin.
-void check_layer_gradients(const MoeConfig& moe, const LayerSpec& spec, const std::string& label) {
+void check_layer_gradients(const MoeConfig& moe, const LayerSpec& spec, const std::string& label,
+                           MicroBatchScopes scopes = {}) {
   CAPTURE(label);
   Ops& ops = *fixture().ops;
   Rng rng(1234);
-  MoeLayer layer(moe, spec, fixture().registry, ops, rng);
+  MoeLayer layer(moe, spec, fixture().registry, ops, rng, single_process(), scopes);
   const int64_t tokens = 12;
   Rng data(99);
   Tensor x = random_tensor(DType::f64, {tokens, spec.d_model}, data);
@@ -164,6 +165,69 @@ TEST_CASE("every registered balancer passes the layer gradient check in double")
   const std::vector<PluginChoice> all{choice(PluginKind::balancer, "switch_aux"),
                                       choice(PluginKind::balancer, "z_loss")};
   check_layer_gradients(small_moe("softmax_topk", "full", all, Overflow::drop, 1.0), small_spec(), "switch_aux+z_loss");
+}
+
+// [parallel] capacity / balance = "local", one micro-batch per sequence of the check's two.
+MicroBatchScopes per_sequence() {
+  MicroBatchScopes s;
+  s.capacity = true;
+  s.balance = true;
+  s.sequences = 1;
+  return s;
+}
+
+TEST_CASE("micro-batch-local capacity and balancing pass the layer gradient check in double") {
+  // Every balancer on each micro-batch; cv_squared on noisy_topk reads the noisy-gating context
+  // cut to the micro-batch's rows; expert choice's assignments are not contiguous by token.
+  for (const auto& name : fixture().registry.names(PluginKind::balancer)) {
+    const std::vector<PluginChoice> balancers{choice(PluginKind::balancer, name)};
+    check_layer_gradients(small_moe("softmax_topk", "glu", balancers, Overflow::drop, 1.0), small_spec(),
+                          name + " per micro-batch", per_sequence());
+  }
+  const std::vector<PluginChoice> cv{choice(PluginKind::balancer, "cv_squared")};
+  check_layer_gradients(small_moe("noisy_topk", "glu", cv, Overflow::drop, 1.0), small_spec(),
+                        "noisy_topk + cv_squared per micro-batch", per_sequence());
+  const std::vector<PluginChoice> aux{choice(PluginKind::balancer, "switch_aux"),
+                                      choice(PluginKind::balancer, "z_loss")};
+  for (const char* router : {"expert_choice", "sigmoid_grouped", "gshard_top2"})
+    check_layer_gradients(small_moe(router, "glu", aux, Overflow::reroute, 1.0), small_spec(),
+                          std::string(router) + " + switch_aux + z_loss per micro-batch", per_sequence());
+}
+
+TEST_CASE("micro-batch-local capacity and balancing count what each micro-batch alone counts") {
+  // Two sequences of 6 tokens in one forward with local scopes against each sequence in a layer of
+  // its own (the same weights): the balancers' loss is the mean of the two, the load and the
+  // drops their sum. The global forms differ: switch_aux's f_i P_i is not linear in the batch.
+  Ops& ops = *fixture().ops;
+  const std::vector<PluginChoice> balancers{choice(PluginKind::balancer, "switch_aux"),
+                                            choice(PluginKind::balancer, "z_loss")};
+  const MoeConfig moe = small_moe("softmax_topk", "glu", balancers, Overflow::drop, 0.75);
+  Rng data(21);
+  const Tensor x = random_tensor(DType::f64, {12, 6}, data, 2.0);
+  Rng rng(3);
+  MoeLayer local(moe, small_spec(), fixture().registry, ops, rng, single_process(), per_sequence());
+  local.forward(x, LayerInput{true, 1, 2, 6, nullptr});
+  double mean_aux = 0;
+  int64_t dropped = 0;
+  std::vector<int64_t> load(4, 0);
+  for (int64_t s = 0; s < 2; ++s) {
+    Rng same(3);
+    MoeLayer alone(moe, small_spec(), fixture().registry, ops, same);
+    alone.forward(x.rows(6 * s, 6 * s + 6), LayerInput{true, 1, 1, 6, nullptr});
+    mean_aux += alone.stats().aux_loss / 2;
+    dropped += alone.stats().dropped;
+    for (size_t e = 0; e < load.size(); ++e) load[e] += alone.stats().tokens_per_expert[e];
+    CHECK(alone.stats().capacity == local.stats().capacity);  // ceil(6 * 2 / 4 * 0.75) = 3
+  }
+  CHECK(local.stats().aux_loss == doctest::Approx(mean_aux).epsilon(1e-12));
+  CHECK(local.stats().tokens_per_expert == load);
+  CHECK(local.stats().dropped == dropped);
+  CHECK(dropped > 0);
+  Rng again(3);
+  MoeLayer global(moe, small_spec(), fixture().registry, ops, again);
+  global.forward(x, LayerInput{true, 1, 2, 6, nullptr});
+  CHECK(global.stats().aux_loss != doctest::Approx(mean_aux).epsilon(1e-9));
+  CHECK(global.stats().capacity == 5);  // ceil(12 * 2 / 4 * 0.75)
 }
 
 TEST_CASE("a one-expert top-1 layer equals a dense FFN") {

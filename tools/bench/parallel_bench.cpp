@@ -47,8 +47,7 @@ Figures measure(const PluginRegistry& registry, Ops& ops, const Parallel& parall
   Comm& world = parallel.world();
   const int64_t n = world.size(), local_tokens = s.tokens / n;
   Rng init(1);  // the same on every rank: the layer's experts are drawn whole, then sliced
-  MoeLayer layer(layer_config(registry, s, s.experts), layer_spec(s, s.experts), registry, ops, init, parallel,
-                 CapacityScope::global);
+  MoeLayer layer(layer_config(registry, s, s.experts), layer_spec(s, s.experts), registry, ops, init, parallel);
   Rng mine(100 + static_cast<uint64_t>(world.rank()));
   const Tensor x = random_rows(ops, local_tokens, s.d_model, mine);
   const Tensor dy = random_rows(ops, local_tokens, s.d_model, mine);

@@ -179,7 +179,7 @@ RunPlan plan_runs(const ParsedArgs& parsed, int64_t world_size) {
         throw UsageError(
             "parallel.comm = \"mpi\", but this process was not started by mpirun: run it with mpirun -np N "
             "moelab run ..., or moelab run --nproc N ...");
-      run.resolved = point.recipe->to_toml();
+      run.resolved = run_folder_recipe(*point.recipe, run.config, world_size);
       const fs::path parent = parsed.option("--out") ? fs::path(*parsed.option("--out")) : run.config.output_dir;
       run.dir = parent / run.config.name;
       if (!point.slug.empty()) run.dir /= point.slug;

@@ -18,6 +18,9 @@ struct LayerLoad {
   int64_t top_k = 0;                       // k (0 for expert choice)
 };
 
+// With [parallel] balance = "local" the layer calls forward on every micro-batch, and later
+// backward on every micro-batch, each time on that micro-batch's part of the plan (its tokens renumbered from 0, its
+// assignments, its load) with grad_loss = 1/M: keep nothing from forward for backward beyond plan and load.
 class Balancer : public Module {
  public:
   // The loss this balancer adds to the objective, coefficient included. Balancers that add no

@@ -3,6 +3,7 @@
 // TOML; everything reads these structs.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -150,17 +151,43 @@ struct TaskConfig {
 
 // [parallel]: how a run started by mpirun splits its work (moelab/parallel.hpp, docs/parallel.md).
 // world = expert x data ranks; each holds global batch / world sequences.
-enum class CapacityScope { global, local };
-const char* capacity_scope_name(CapacityScope scope);
+// A scope says over which tokens a quantity is counted: the global batch (as one process counts
+// it), or each micro-batch on its own (micro_batch sequences: by default each rank's share).
+enum class BatchScope { global, local };
+const char* batch_scope_name(BatchScope scope);
+
+// What the MoE layers count per micro-batch: capacity, balancer statistics, or neither; and the
+// micro-batch, in sequences of the forward's batch (consecutive; the last may be shorter).
+struct MicroBatchScopes {
+  bool capacity = false;
+  bool balance = false;
+  int64_t sequences = 0;  // 0: the forward's whole batch
+  bool any() const { return capacity || balance; }
+};
+
 struct ParallelConfig {
   int64_t expert = 1;         // ranks the routed experts are split over (expert parallelism)
   int64_t data = 0;           // replicas of each expert (data parallelism); 0: the world's ranks / expert
   std::string comm = "auto";  // comm plugin; auto: mpi when started by mpirun, local otherwise
   // global: capacity of the global batch, decided as one process would (results equal to one
-  // process); local: each rank's capacity over its own tokens (Megatron-Core's per-rank form).
-  CapacityScope capacity = CapacityScope::global;
+  // process); local: each micro-batch's capacity over its own tokens (Megatron-Core's per-rank form).
+  BatchScope capacity = BatchScope::global;
+  // global: balancer statistics (f_i, P_i, ...) of the global batch (Qwen's global-batch
+  // balancing, arXiv 2501.11873); local: each balancer's loss on each micro-batch, averaged (the
+  // per-micro-batch form of most codebases).
+  BatchScope balance = BatchScope::global;
+  // Sequences per micro-batch of the local scopes; 0: train.batch_size / the ranks of the run.
+  int64_t micro_batch = 0;
   // Ranks this layout needs, once `data` is known (0 while it follows the world).
   int64_t world() const { return data > 0 ? expert * data : 0; }
+  // The local scopes of a run on `world` ranks training batches of `batch_size` sequences.
+  MicroBatchScopes scopes(int64_t batch_size, int64_t world) const {
+    MicroBatchScopes s;
+    s.capacity = capacity == BatchScope::local;
+    s.balance = balance == BatchScope::local;
+    if (s.any()) s.sequences = micro_batch > 0 ? micro_batch : batch_size / std::max<int64_t>(1, world);
+    return s;
+  }
 };
 
 struct RunConfig {
@@ -188,6 +215,12 @@ struct RunConfig {
 // every default into `recipe` (so the printed recipe is complete) and returns the typed config.
 // Throws UsageError with all diagnostics (unknown keys with suggestions, wrong types, ranges,
 // unknown plugins with the known names, cross-field rules), each at file:line:column.
+// The recipe a run folder keeps (recipe.toml) for a run on `world` ranks. With a local scope and
+// parallel.micro_batch = 0, the micro-batch the run resolves it to (each rank's share) is set in
+// config and written in, so that eval, sample and a resume on another layout (after moelab
+// reshard) count over the same micro-batches.
+std::string run_folder_recipe(const Recipe& recipe, RunConfig& config, int64_t world);
+
 RunConfig build_config(Recipe& recipe, PluginRegistry& registry);
 
 // A plugin parameter's value from its text as TOML (a bare word is a string), checked against its

@@ -131,9 +131,10 @@ class MoeLayer : public Module {
  public:
   // On several ranks (parallel.distributed()), every rank constructs the layer together: the
   // routed experts are split over parallel.expert_group(), each rank keeping its slice of the
-  // values one process would have drawn.
+  // values one process would have drawn. `scopes` says what is counted per micro-batch
+  // ([parallel] capacity / balance = "local"); the default counts everything over the batch.
   MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng,
-           const Parallel& parallel = single_process(), CapacityScope capacity_scope = CapacityScope::global);
+           const Parallel& parallel = single_process(), MicroBatchScopes scopes = {});
   ~MoeLayer() override;
 
   // x [T, d] -> y [T, d]. Saves what backward needs; stats() describes this forward.
@@ -175,7 +176,13 @@ class MoeLayer : public Module {
   Dispatch dispatch(const Saved& saved, const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
                     const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t tokens_per_rank);
   void finish_stats(const Dispatch& dispatch, const Tensor& probs_host, int64_t tokens);
-  void balancers_forward(Saved& saved, const RouterContext& ctx);
+  // Tokens per micro-batch of a forward of `tokens` rows in sequences of seq_len (all of them
+  // unless a scope is local).
+  int64_t micro_tokens(int64_t tokens, int64_t seq_len) const;
+  // The balancers' losses on the plan (or, with balance local, on each micro-batch's part of it).
+  void balancers_forward(Saved& saved, const RouterContext& ctx, const std::vector<int32_t>& token,
+                         const std::vector<int32_t>& expert, const std::vector<int32_t>& rank);
+  void balancers_backward(Saved& saved, const RouterContext& ctx, RouterGrad& grad);
   Tensor forward_parallel(const Tensor& x, const LayerInput& input);
   Tensor backward_parallel(const Tensor& dy);
   void shard_experts(const PluginRegistry& registry, Ops& ops);
@@ -197,7 +204,7 @@ class MoeLayer : public Module {
   DeadExpertTracker dead_;
   std::unique_ptr<Saved> saved_;
   const Parallel* parallel_;
-  CapacityScope capacity_scope_;
+  MicroBatchScopes scopes_;
   std::vector<const Parameter*> sharded_;
   std::unique_ptr<Exchange> exchange_;
   std::unique_ptr<moe_detail::ExchangeBuffers> buffers_;

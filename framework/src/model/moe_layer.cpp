@@ -203,14 +203,14 @@ std::string plugin_tag(const PluginRegistry& registry, PluginKind kind, const st
 }  // namespace
 
 MoeLayer::MoeLayer(const MoeConfig& config, const LayerSpec& spec, const PluginRegistry& registry, Ops& ops, Rng& rng,
-                   const Parallel& parallel, CapacityScope capacity_scope)
+                   const Parallel& parallel, MicroBatchScopes scopes)
     : config_(config),
       spec_(spec),
       ops_(ops),
       rng_(rng.fork(0x4d6f45ULL + static_cast<uint64_t>(spec.layer_index))),
       dead_(spec.num_experts, config.dead_expert_window),
       parallel_(&parallel),
-      capacity_scope_(capacity_scope) {
+      scopes_(scopes) {
   Rng init = rng_.fork(1);
   experts_tag_ = plugin_tag(registry, PluginKind::experts, config.experts.type, spec_.layer_index);
   router_tag_ = plugin_tag(registry, PluginKind::router, config.router.type, spec_.layer_index);
@@ -350,19 +350,58 @@ void MoeLayer::finish_stats(const Dispatch& dispatch, const Tensor& probs_host, 
   stats_.routed_max_violation = mean_routed > 0 ? static_cast<double>(max_routed) / mean_routed - 1.0 : 0.0;
 }
 
-void MoeLayer::balancers_forward(Saved& saved, const RouterContext& ctx) {
+int64_t MoeLayer::micro_tokens(int64_t tokens, int64_t seq_len) const {
+  if (!scopes_.any() || scopes_.sequences <= 0) return tokens;
+  return std::min(tokens, scopes_.sequences * std::max<int64_t>(1, seq_len));
+}
+
+void MoeLayer::balancers_forward(Saved& saved, const RouterContext& ctx, const std::vector<int32_t>& token,
+                                 const std::vector<int32_t>& expert, const std::vector<int32_t>& rank) {
   saved.load.routed_per_expert = stats_.routed_per_expert;
   saved.load.tokens_per_expert = stats_.tokens_per_expert;
   saved.load.tokens = stats_.tokens;
   saved.load.top_k = saved.plan.top_k;
+  const int64_t part_tokens = micro_tokens(stats_.tokens, saved.seq_len);
+  if (scopes_.balance && part_tokens < stats_.tokens && !balancers_.empty())
+    saved.micro_batches =
+        split_micro_batches(ops_, saved.plan, token, expert, rank, saved.final_expert, saved.token_ids, part_tokens);
   for (size_t i = 0; i < balancers_.size(); ++i) {
-    const double loss =
-        in_plugin(balancer_tags_[i], "forward", [&] { return balancers_[i]->forward(saved.plan, saved.load, ctx); });
+    double loss = 0;
+    if (saved.micro_batches.empty()) {
+      loss =
+          in_plugin(balancer_tags_[i], "forward", [&] { return balancers_[i]->forward(saved.plan, saved.load, ctx); });
+    } else {
+      for (const MicroBatch& part : saved.micro_batches) {
+        const RouterContext part_ctx = part_context(ctx, part);
+        loss += in_plugin(balancer_tags_[i], "forward",
+                          [&] { return balancers_[i]->forward(part.plan, part.load, part_ctx); });
+      }
+      loss /= static_cast<double>(saved.micro_batches.size());
+    }
     stats_.balancer_losses.emplace_back(balancer_names_[i], loss);
     stats_.aux_loss += loss;
   }
+  // The load that steers the bias and finds dead experts is the batch's (the micro-batches' sum).
   if (saved.training) dead_.record(stats_.tokens_per_expert, stats_.tokens);
   collect_plugin_metrics();
+}
+
+void MoeLayer::balancers_backward(Saved& s, const RouterContext& ctx, RouterGrad& grad) {
+  if (s.micro_batches.empty()) {
+    for (size_t i = 0; i < balancers_.size(); ++i)
+      in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
+    return;
+  }
+  const double share = 1.0 / static_cast<double>(s.micro_batches.size());
+  for (const MicroBatch& part : s.micro_batches) {
+    const RouterContext part_ctx = part_context(ctx, part);
+    RouterGrad part_grad;
+    part_grad.weight = ops_.zeros(s.plan.weight.dtype(), {part.assignments.numel()});
+    for (size_t i = 0; i < balancers_.size(); ++i)
+      in_plugin(balancer_tags_[i], "backward",
+                [&] { balancers_[i]->backward(part.plan, part.load, part_ctx, share, part_grad); });
+    add_part_gradient(ops_, part, s.plan, part_grad, grad);
+  }
 }
 
 Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
@@ -387,7 +426,8 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   route(x, ctx, *saved, token, expert, rank);
   const RoutingPlan& plan = saved->plan;
   const Tensor probs_host = ops_.to_host(plan.probs);
-  const Dispatch dispatch = this->dispatch(*saved, token, expert, rank, probs_host, tokens);
+  const Dispatch dispatch = this->dispatch(*saved, token, expert, rank, probs_host,
+                                           scopes_.capacity ? micro_tokens(tokens, saved->seq_len) : tokens);
   saved->offsets = dispatch.offsets;
   saved->final_expert = dispatch.final_expert;
   const int64_t rows = dispatch.offsets.back();
@@ -411,7 +451,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
         in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
 
   finish_stats(dispatch, probs_host, tokens);
-  balancers_forward(*saved, ctx);
+  balancers_forward(*saved, ctx, token, expert, rank);
   saved_ = std::move(saved);
   return y;
 }
@@ -469,8 +509,7 @@ Tensor MoeLayer::backward(const Tensor& dy) {
 
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
-  for (size_t i = 0; i < balancers_.size(); ++i)
-    in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
+  balancers_backward(s, ctx, grad);
   in_plugin(router_tag_, "backward", [&] { router_->backward(s.x, s.plan, grad, ctx, dx); });
   return dx;
 }

@@ -11,6 +11,39 @@
 
 namespace moelab {
 
+namespace moe_detail {
+
+// One micro-batch's part of a forward's routing plan, as balancers with [parallel] balance =
+// "local" see it (micro_batches.cpp): token rows [first, first + tokens) renumbered from 0, the
+// assignments of those tokens, the load they make, and the router's noisy-gating context cut to
+// those rows (any other router context is not passed on: balancers know only that protocol).
+struct MicroBatch {
+  int64_t first = 0, tokens = 0;
+  Tensor assignments;  // [A_m] i32: the whole plan's index of each of the part's assignments
+  RoutingPlan plan;
+  LayerLoad load;
+  Tensor token_ids;  // host i32 [tokens], a view; undefined when the forward has no token ids
+};
+
+// Cuts a plan of T tokens into parts of part_tokens rows (the last may be shorter). token, expert
+// and rank are the plan's assignment lists on the host; final_expert the expert after capacity
+// (-1: dropped).
+std::vector<MicroBatch> split_micro_batches(Ops& ops, const RoutingPlan& plan, const std::vector<int32_t>& token,
+                                            const std::vector<int32_t>& expert, const std::vector<int32_t>& rank,
+                                            const std::vector<int32_t>& final_expert, const Tensor* token_ids,
+                                            int64_t part_tokens);
+
+// The context a balancer sees on `part`: ctx with the part's batch and token ids.
+RouterContext part_context(const RouterContext& ctx, const MicroBatch& part);
+
+// Adds what the balancers put into a part's gradient (`from`, its weight [A_m] allocated) to the
+// whole plan's (`into`): probs and logits rows, the combine weights by assignment, and the
+// noisy-gating context's accumulators.
+void add_part_gradient(Ops& ops, const MicroBatch& part, const RoutingPlan& plan, const RouterGrad& from,
+                       RouterGrad& into);
+
+}  // namespace moe_detail
+
 struct MoeLayer::Saved {
   Tensor x;
   RoutingPlan plan;
@@ -28,6 +61,8 @@ struct MoeLayer::Saved {
   std::unique_ptr<ForwardContext> experts_context, shared_context;
   // Parallel runs: the global batch the router saw (every rank's rows, in rank order).
   Tensor x_global, token_ids_global;
+  // With balance local: the plan's micro-batches the balancers saw.
+  std::vector<moe_detail::MicroBatch> micro_batches;
 };
 
 struct MoeLayer::Exchange {

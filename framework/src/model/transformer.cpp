@@ -281,7 +281,8 @@ Block::Block(const RunConfig& config, int64_t index, const PluginRegistry& regis
   if (force_moe || m.is_moe_layer(index)) {
     LayerSpec spec = config.layer;
     spec.layer_index = static_cast<int>(index);
-    moe_ = std::make_unique<MoeLayer>(config.moe, spec, registry, ops, rng, parallel, config.parallel.capacity);
+    moe_ = std::make_unique<MoeLayer>(config.moe, spec, registry, ops, rng, parallel,
+                                      config.parallel.scopes(config.train.batch_size, parallel.size()));
   } else {
     FfnOptions o;
     o.groups = 1;

@@ -196,7 +196,7 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   const RoutingPlan& plan = saved->plan;
   const Tensor probs_host = ops_.to_host(plan.probs);
   const Dispatch dispatch = this->dispatch(*saved, token, expert, rank, probs_host,
-                                           capacity_scope_ == CapacityScope::local ? local_tokens : tokens);
+                                           scopes_.capacity ? micro_tokens(tokens, saved->seq_len) : tokens);
   saved->offsets = dispatch.offsets;
   saved->final_expert = dispatch.final_expert;
   laps.charge(&ExchangeProfile::route_seconds);
@@ -287,7 +287,7 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   laps.charge(&ExchangeProfile::experts_seconds);
 
   finish_stats(dispatch, probs_host, tokens);
-  balancers_forward(*saved, ctx);
+  balancers_forward(*saved, ctx, token, expert, rank);
   laps.charge(&ExchangeProfile::route_seconds);
   saved_ = std::move(saved);
   exchange_ = std::move(ex);
@@ -342,8 +342,7 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   grad.weight = ops_.to_device(weight_host);
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
-  for (size_t i = 0; i < balancers_.size(); ++i)
-    in_plugin(balancer_tags_[i], "backward", [&] { balancers_[i]->backward(s.plan, s.load, ctx, 1.0, grad); });
+  balancers_backward(s, ctx, grad);
   Tensor dx_global = ops_.zeros(s.x.dtype(), {s.x_global.dim(0), d});
   in_plugin(router_tag_, "backward", [&] { router_->backward(s.x_global, s.plan, grad, ctx, dx_global); });
   ops_.axpy(1.0, dx_global.rows(offset, offset + local_tokens), dx);

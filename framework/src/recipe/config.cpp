@@ -45,8 +45,8 @@ const char* norm_name(NormKind norm) {
   return "?";
 }
 
-const char* capacity_scope_name(CapacityScope scope) {
-  return scope == CapacityScope::local ? "local" : "global";
+const char* batch_scope_name(BatchScope scope) {
+  return scope == BatchScope::local ? "local" : "global";
 }
 
 const char* overflow_name(Overflow overflow) {
@@ -260,7 +260,12 @@ std::vector<SectionSchema> core_schema() {
             .range(0, kMaxCount),
         param_string("comm", "auto", "communicator plugin: mpi, local, or auto (mpi when started by mpirun)"),
         param_choice("capacity", "global", {"global", "local"},
-                     "expert capacity over the global batch (as one process) or over each rank's tokens")}},
+                     "expert capacity over the global batch (as one process) or over each micro-batch's tokens"),
+        param_choice("balance", "global", {"global", "local"},
+                     "balancer statistics over the global batch (as one process) or each micro-batch's, averaged"),
+        param_int("micro_batch", 0,
+                  "sequences per micro-batch of the local scopes; 0: train.batch_size / ranks (each rank's share)")
+            .range(0, kMaxCount)}},
   };
 }
 
@@ -952,7 +957,20 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     read_value(values, "data", p.data);
     read_value(values, "comm", p.comm);
     if (values.has("capacity"))
-      p.capacity = values.get_string("capacity") == "local" ? CapacityScope::local : CapacityScope::global;
+      p.capacity = values.get_string("capacity") == "local" ? BatchScope::local : BatchScope::global;
+    if (values.has("balance"))
+      p.balance = values.get_string("balance") == "local" ? BatchScope::local : BatchScope::global;
+    read_value(values, "micro_batch", p.micro_batch);
+    if (p.micro_batch > 0 && p.capacity == BatchScope::global && p.balance == BatchScope::global)
+      check.error("parallel.micro_batch",
+                  "sets the micro-batch of the local scopes, but capacity and balance are both \"global\": it "
+                  "would change nothing",
+                  "set parallel.capacity = \"local\" and/or parallel.balance = \"local\", or remove micro_batch");
+    else if (p.micro_batch > 0 && config.train.batch_size % p.micro_batch != 0)
+      check.error("parallel.micro_batch",
+                  fmt::format("{} sequences per micro-batch do not divide train.batch_size = {}", p.micro_batch,
+                              config.train.batch_size),
+                  fmt::format("choose a divisor of {}", config.train.batch_size));
     if (p.comm != "auto" && registry.find(PluginKind::comm, p.comm) == nullptr) {
       try {
         registry.require(PluginKind::comm, p.comm);
@@ -995,6 +1013,22 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
 
   diagnostics.throw_if_any();
   return config;
+}
+
+}  // namespace moelab
+
+namespace moelab {
+
+std::string run_folder_recipe(const Recipe& recipe, RunConfig& config, int64_t world) {
+  ParallelConfig& p = config.parallel;
+  const MicroBatchScopes scopes = p.scopes(config.train.batch_size, world);
+  if (!scopes.any() || p.micro_batch > 0) return recipe.to_toml();
+  p.micro_batch = scopes.sequences;
+  Recipe out(recipe);
+  toml::table& root = out.table();
+  if (!root.contains("parallel")) root.insert("parallel", toml::table{});
+  root["parallel"].as_table()->insert_or_assign("micro_batch", p.micro_batch);
+  return out.to_toml();
 }
 
 }  // namespace moelab

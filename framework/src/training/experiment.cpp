@@ -184,7 +184,8 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   write_plugin_provenance(run_dir, config, registry);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
   Rng root(config.seed);
-  MoeLayer layer(config.moe, config.layer, registry, *ops, root);
+  MoeLayer layer(config.moe, config.layer, registry, *ops, root, single_process(),
+                 config.parallel.scopes(config.train.batch_size, 1));
   AdamWOptimizer optimizer(
       *ops, layer.parameters(),
       AdamWOptions{config.train.beta1, config.train.beta2, config.train.eps, config.train.weight_decay});

@@ -121,12 +121,15 @@ void finish_run(const ReportInputs& in, const std::filesystem::path& run_dir, Ru
   summary["seconds"] = result.seconds;
   summary["tokens_per_second"] = result.tokens_per_second;
   if (in.first_step > 1) summary["resumed_after_step"] = in.first_step - 1;
-  if (config.parallel.expert > 1 || config.parallel.data > 1 || in.ranks > 1) {
+  const MicroBatchScopes scopes = config.parallel.scopes(config.train.batch_size, in.ranks);
+  if (config.parallel.expert > 1 || config.parallel.data > 1 || in.ranks > 1 || scopes.any()) {
     json::object p;
     p["ranks"] = in.ranks;
     p["expert"] = config.parallel.expert;
     p["data"] = in.ranks / config.parallel.expert;
-    p["capacity"] = capacity_scope_name(config.parallel.capacity);
+    p["capacity"] = batch_scope_name(config.parallel.capacity);
+    p["balance"] = batch_scope_name(config.parallel.balance);
+    if (scopes.any()) p["micro_batch"] = scopes.sequences;
     summary["parallel"] = std::move(p);
   }
   write_text(run_dir / "summary.json", json::serialize(summary) + "\n");
