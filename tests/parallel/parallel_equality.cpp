@@ -310,6 +310,16 @@ TEST_CASE("reshard 4 -> 1 -> 2, continued, equals the uninterrupted one-process 
   expect_same_training(one, read_run(run), "4 ranks to step 10, 1 to 15, 2 to 20");
 }
 
+TEST_CASE("the mpi comm plugin passes the comm conformance kit on 3 ranks") {
+  // Three ranks: uneven block sizes, empty blocks and pairs of ranks that exchange nothing.
+  const auto kit = shell("timeout 120 " + mpirun(3) + q(moelab::test::kMoelab) + " test-plugin mpi");
+  INFO(kit.output);
+  CHECK(kit.status == 0);
+  CHECK(kit.output.find("pass  collective  [exchange on 3 ranks]") != std::string::npos);
+  CHECK(kit.output.find("pass  collective  [alltoallv on 3 ranks]") != std::string::npos);
+  CHECK(kit.output.find("FAIL") == std::string::npos);
+}
+
 TEST_CASE("run --nproc N starts mpirun itself and gives what mpirun -np N gives") {
   moelab::test::ScratchFolder scratch("parallel_nproc");
   const std::string moelab = q(moelab::test::kMoelab);

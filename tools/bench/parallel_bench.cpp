@@ -3,11 +3,13 @@
 // same run, on the same ranks:
 //   - the transport: the mpi comm plugin's alltoallv (one MPI_Alltoallv of MPI_BYTE) of the very
 //     byte counts the layer's four row exchanges sent (dispatch and combine, forward and
-//     backward), on buffers allocated once. Two ratios: raw / the layer's transfers (the counts
-//     alltoall and the four row alltoallvs, as the layer makes them), and raw / its whole
-//     dispatch + combine (the transfers, plus counting, putting rows in order on both sides and
-//     the weighted combine). The layer runs with ExchangeProfile::separate_waits: a barrier
-//     before each exchange charges the wait for a slower rank (load imbalance) apart;
+//     backward), on buffers allocated once. Three ratios: raw / the layer's transfers (the counts
+//     alltoall and the four row exchanges, as the layer makes them through Comm::exchange),
+//     raw / its whole dispatch + combine (the transfers, plus counting, gathering the rows into
+//     send order and the weighted combine), and raw / what of that one process does not do
+//     (dispatch + combine less the 1/N one-process layer's own gather and combine of as many
+//     rows). The layer runs with ExchangeProfile::separate_waits: a barrier before each exchange
+//     charges the wait for a slower rank (load imbalance) apart;
 //   - the compute: one process doing 1/N of the work (T/N tokens on E/N experts, top-k the same,
 //     each rank running it at once on its own core). Ratio = that / the layer's step on N ranks.
 // Every round runs the three back to back after a barrier; a round's time is its slowest rank's,
@@ -40,7 +42,8 @@ double median(std::vector<double> v) {
 
 struct Figures {
   double raw = 0, transfer = 0, exchange = 0, wait = 0, route = 0, experts = 0, step = 0, reference = 0;
-  double send_mb = 0;  // rank 0's rows out, per exchange
+  double reference_permute = 0;  // the 1/N one-process layer's gather and combine
+  double send_mb = 0;            // rank 0's rows out, per exchange
 };
 
 Figures measure(const PluginRegistry& registry, Ops& ops, const Parallel& parallel, const BenchShape& s, int repeats) {
@@ -58,9 +61,10 @@ Figures measure(const PluginRegistry& registry, Ops& ops, const Parallel& parall
 
   ExchangeProfile& profile = layer.exchange_profile();
   std::vector<uint8_t> send, recv;
-  std::vector<double> raw, transfer, exchange, wait, route, experts, step, ref;
+  std::vector<double> raw, transfer, exchange, wait, route, experts, step, ref, ref_permute;
   for (int round = -1; round < repeats; ++round) {  // round -1 warms up
     world.barrier();
+    reference.exchange_profile() = ExchangeProfile{};
     auto start = Clock::now();
     reference.forward(x_ref, input);
     reference.backward(dy_ref);
@@ -100,6 +104,7 @@ Figures measure(const PluginRegistry& registry, Ops& ops, const Parallel& parall
     experts.push_back(slowest(world, profile.experts_seconds));
     step.push_back(slowest(world, step_s));
     ref.push_back(slowest(world, ref_s));
+    ref_permute.push_back(slowest(world, reference.exchange_profile().permute_seconds));
   }
   Figures f;
   f.raw = median(raw);
@@ -110,6 +115,7 @@ Figures measure(const PluginRegistry& registry, Ops& ops, const Parallel& parall
   f.experts = median(experts);
   f.step = median(step);
   f.reference = median(ref);
+  f.reference_permute = median(ref_permute);
   f.send_mb =
       static_cast<double>(std::accumulate(profile.send_bytes.begin(), profile.send_bytes.end(), int64_t{0})) / 1e6;
   return f;
@@ -142,18 +148,21 @@ int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std
                 n, kernel.c_str(), threads ? threads : "(unset)", repeats);
     std::printf(
         "| T | d | F | E | k | MB out of rank 0 per exchange | raw alltoallv ms | transfers ms | raw / transfers | "
-        "dispatch+combine ms | raw / dispatch+combine | waits ms | route ms | experts ms | layer step ms | 1/N in one "
+        "dispatch+combine ms | raw / dispatch+combine | 1/N permute ms | raw / (dispatch+combine - 1/N permute) | "
+        "waits ms | route ms | experts ms | layer step ms | 1/N in one "
         "process ms | one process / layer step |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   }
   for (const BenchShape& s : shapes) {
     const Figures f = measure(registry, *ops, parallel, s, repeats);
     if (lead)
-      std::printf("| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64
-                  " | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
-                  s.tokens, s.d_model, s.d_ff, s.experts, s.top_k, f.send_mb, f.raw * 1e3, f.transfer * 1e3,
-                  f.raw / f.transfer, f.exchange * 1e3, f.raw / f.exchange, f.wait * 1e3, f.route * 1e3,
-                  f.experts * 1e3, f.step * 1e3, f.reference * 1e3, f.reference / f.step);
+      std::printf(
+          "| %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64 " | %" PRId64
+          " | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+          s.tokens, s.d_model, s.d_ff, s.experts, s.top_k, f.send_mb, f.raw * 1e3, f.transfer * 1e3, f.raw / f.transfer,
+          f.exchange * 1e3, f.raw / f.exchange, f.reference_permute * 1e3,
+          f.raw / std::max(1e-9, f.exchange - f.reference_permute), f.wait * 1e3, f.route * 1e3, f.experts * 1e3,
+          f.step * 1e3, f.reference * 1e3, f.reference / f.step);
     std::fflush(stdout);
   }
   return 0;

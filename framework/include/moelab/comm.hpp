@@ -20,6 +20,13 @@
 
 namespace moelab {
 
+// Part of a buffer, to or from one rank of a communicator (Comm::exchange).
+struct CommBlock {
+  int rank = 0;
+  int64_t offset = 0;  // bytes into the buffer
+  int64_t bytes = 0;
+};
+
 class Comm {
  public:
   virtual ~Comm() = default;
@@ -38,6 +45,14 @@ class Comm {
   // with alltoall first).
   virtual void alltoallv(const void* send, const std::vector<int64_t>& send_bytes, void* recv,
                          const std::vector<int64_t>& recv_bytes) = 0;
+  // Blocks of any size to and from any ranks, all in flight at once: sends[i] (sends[i].bytes at
+  // send + offset) goes to rank sends[i].rank; recvs[i] lands at recv + offset. Between two
+  // ranks the blocks pair in list order: the k-th block this rank lists for rank r is the k-th
+  // that r lists from this rank, of the same size (exchange the counts first). Zero-byte blocks
+  // are allowed and move nothing; blocks to this rank itself are copies. Unlike alltoallv it can
+  // scatter what one rank sends into many places (the MoE exchange's (expert, source) order).
+  virtual void exchange(const void* send, const std::vector<CommBlock>& sends, void* recv,
+                        const std::vector<CommBlock>& recvs) = 0;
   virtual void broadcast(void* data, int64_t bytes, int root) = 0;
   virtual void barrier() = 0;
   // Ranks with the same color form a new communicator, ordered by key (MPI_Comm_split).
@@ -46,6 +61,12 @@ class Comm {
   // others do not wait for it forever inside a collective.
   [[noreturn]] virtual void abort(int code) = 0;
 };
+
+// For implementations of Comm::exchange: the blocks this rank (`self`) sends to itself, copied
+// into place (paired in list order, zero-byte ones skipped); RuntimeError, naming `what`, when
+// the two lists do not pair.
+void copy_own_blocks(const void* send, const std::vector<CommBlock>& sends, void* recv,
+                     const std::vector<CommBlock>& recvs, const char* what, int self = 0);
 
 // Convenience wrappers on tensors (host memory for now; the cpu kernel's tensors are host memory).
 void allreduce_sum(Comm& comm, Tensor& t);

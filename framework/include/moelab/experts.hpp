@@ -13,7 +13,9 @@ namespace moelab {
 class Experts : public Module {
  public:
   // Routed experts. x [R, d]: dispatched rows grouped by expert, rows [offsets[e], offsets[e+1])
-  // for expert e (offsets on the host, size E+1). Writes y [R, d].
+  // for expert e (offsets on the host, size E+1). Writes y [R, d]. x stays as it is until the
+  // backward; y is the caller's (on several ranks it is sent away and its memory reused before
+  // the backward), so keep in the context whatever the backward needs.
   virtual std::unique_ptr<ForwardContext> forward(Ops& ops, const Tensor& x, const std::vector<int64_t>& offsets,
                                                   Tensor& y) = 0;
   // Accumulates parameter gradients; overwrites dx [R, d].

@@ -112,10 +112,12 @@ struct ExchangeBuffers;  // moe_layer_internal.hpp
 
 // Where a layer's forwards and backwards on several ranks spent their time, summed since the
 // last reset (host wall clock: a device kernel's asynchronous work is charged where it is next
-// waited for). moelab-bench --parallel reads it; one process leaves it at zero.
+// waited for). moelab-bench --parallel reads it; one process fills all but transfer and wait.
 struct ExchangeProfile {
-  double route_seconds = 0;     // gathering the global batch, the router, capacity, balancers
-  double permute_seconds = 0;   // dispatch and combine, on this rank: counting, row order, the combine
+  double route_seconds = 0;  // gathering the global batch, the router, capacity, balancers
+  // Dispatch and combine, on this rank: counting, gathering the rows into send (one process:
+  // expert) order, the weighted combine, and the backward's same steps.
+  double permute_seconds = 0;
   double transfer_seconds = 0;  // dispatch and combine, between ranks: the counts and the four row exchanges
   double wait_seconds = 0;      // with separate_waits: waiting for slower ranks before an exchange
   double experts_seconds = 0;   // the local (and shared) experts, forward and backward

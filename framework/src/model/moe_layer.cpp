@@ -408,6 +408,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   if (parallel_->distributed()) return forward_parallel(x, input);
   const int64_t tokens = x.dim(0), d = spec_.d_model;
   expect_shape(x, {tokens, d}, "MoE layer input");
+  Laps laps(profile_);
   auto saved = std::make_unique<Saved>();
   saved->x = x;
   saved->training = input.training;
@@ -431,6 +432,7 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   saved->offsets = dispatch.offsets;
   saved->final_expert = dispatch.final_expert;
   const int64_t rows = dispatch.offsets.back();
+  laps.charge(&ExchangeProfile::route_seconds);
 
   // Dispatch: gather token rows into expert order; run the experts; combine with the weights.
   saved->order = upload_ints(ops_, dispatch.order);
@@ -438,20 +440,25 @@ Tensor MoeLayer::forward(const Tensor& x, const LayerInput& input) {
   saved->x_sorted = ops_.empty(x.dtype(), {rows, d});
   if (rows > 0) ops_.gather_rows(x, saved->source_token, saved->x_sorted);
   saved->y_sorted = ops_.empty(x.dtype(), {rows, d});
+  laps.charge(&ExchangeProfile::permute_seconds);
   saved->experts_context = in_plugin(experts_tag_, "forward", [&] {
     return experts_->forward(ops_, saved->x_sorted, saved->offsets, saved->y_sorted);
   });
+  laps.charge(&ExchangeProfile::experts_seconds);
   saved->row_weight = ops_.empty(x.dtype(), {rows, 1});
   if (rows > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), saved->order, saved->row_weight);
   saved->row_weight = saved->row_weight.reshaped({rows});
   Tensor y = ops_.zeros(x.dtype(), {tokens, d});
   if (rows > 0) ops_.scatter_add_rows(saved->y_sorted, saved->source_token, &saved->row_weight, y);
+  laps.charge(&ExchangeProfile::permute_seconds);
   if (experts_->has_shared())
     saved->shared_context =
         in_plugin(experts_tag_, "shared_forward", [&] { return experts_->shared_forward(ops_, x, y); });
+  laps.charge(&ExchangeProfile::experts_seconds);
 
   finish_stats(dispatch, probs_host, tokens);
   balancers_forward(*saved, ctx, token, expert, rank);
+  laps.charge(&ExchangeProfile::route_seconds);
   saved_ = std::move(saved);
   return y;
 }
@@ -479,11 +486,13 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   expect_shape(dy, {tokens, d}, "MoE layer output gradient");
   const int64_t rows = s.offsets.back();
   const int64_t assignments = s.plan.weight.numel();
+  Laps laps(profile_);
 
   Tensor dx = ops_.zeros(s.x.dtype(), {tokens, d});
   if (experts_->has_shared())
     in_plugin(experts_tag_, "shared_backward",
               [&] { experts_->shared_backward(ops_, s.x, *s.shared_context, dy, dx); });
+  laps.charge(&ExchangeProfile::experts_seconds);
 
   // y[t] = sum_rows w_r * expert(x_sorted)_r:  dL/dw_r = <dy[t_r], y_sorted_r>,
   // dL/d expert output_r = w_r * dy[t_r].
@@ -498,9 +507,12 @@ Tensor MoeLayer::backward(const Tensor& dy) {
     ops_.scatter_add_rows(drow_weight.reshaped({rows, 1}), s.order, nullptr, dweight);
     ops_.scale_rows(s.row_weight, dy_sorted);
     Tensor dx_sorted = ops_.empty(dy.dtype(), {rows, d});
+    laps.charge(&ExchangeProfile::permute_seconds);
     in_plugin(experts_tag_, "backward",
               [&] { experts_->backward(ops_, s.x_sorted, s.offsets, *s.experts_context, dy_sorted, dx_sorted); });
+    laps.charge(&ExchangeProfile::experts_seconds);
     ops_.scatter_add_rows(dx_sorted, s.source_token, nullptr, dx);
+    laps.charge(&ExchangeProfile::permute_seconds);
   } else {
     Tensor none = ops_.empty(dy.dtype(), {0, d});
     in_plugin(experts_tag_, "backward",
@@ -511,6 +523,7 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
   balancers_backward(s, ctx, grad);
   in_plugin(router_tag_, "backward", [&] { router_->backward(s.x, s.plan, grad, ctx, dx); });
+  laps.charge(&ExchangeProfile::route_seconds);
   return dx;
 }
 

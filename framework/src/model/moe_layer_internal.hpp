@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include "moelab/moe_layer.hpp"
@@ -66,17 +67,19 @@ struct MoeLayer::Saved {
 };
 
 struct MoeLayer::Exchange {
-  // The rows this rank sends, in send order (destination rank, expert, assignment).
-  Tensor send_token;                          // [Rs] i32: the local token of each
-  Tensor send_assignment;                     // [Rs] i32: its assignment in the global plan
-  Tensor send_weight;                         // [Rs]: its combine weight
-  std::vector<int64_t> send_rows, recv_rows;  // rows to / from each rank of the expert group
-  // The rows received, in (expert, source rank) order for the experts: sorted row i is received
-  // row recv_of_sorted[i]; received row j is sorted row sorted_of_recv[j].
-  Tensor recv_of_sorted, sorted_of_recv;
-  std::vector<int64_t> offsets;  // [local experts + 1] over the sorted rows
-  Tensor x_sorted, y_sorted;     // [Rr, d]
-  Tensor y_back;                 // [Rs, d]: the expert outputs of the rows sent, in send order
+  int64_t local_experts = 0;  // L: experts on each rank of the group
+  // The rows this rank sends, in send order (local expert index, destination rank, assignment).
+  Tensor send_token;       // [Rs] i32: the local token of each
+  Tensor send_assignment;  // [Rs] i32: its assignment in the global plan
+  Tensor send_weight;      // [Rs]: its combine weight
+  // Rows per (rank m, local expert e) at m * L + e: sent to rank m for its e-th expert, and
+  // received from rank m for this rank's e-th expert.
+  std::vector<int64_t> send_counts, recv_counts;
+  // The rows received, in (local expert, source rank) order: the experts' input, grouped by
+  // expert with offsets [L + 1]. A view of an exchange buffer on the cpu kernel.
+  std::vector<int64_t> offsets;
+  Tensor x_sorted;  // [Rr, d]
+  Tensor y_back;    // [Rs, d]: the expert outputs of the rows sent, in send order
   std::unique_ptr<ForwardContext> experts_context;
 };
 
@@ -85,13 +88,44 @@ namespace moe_detail {
 // Host memory the expert group's row exchanges send from and receive into, kept from step to
 // step (grown, never shrunk): Open MPI's shared-memory transport moves a buffer it has seen
 // before several times faster than a fresh one (an 8 MB MPI_Alltoallv on 2 ranks here: 1.6 ms
-// reused, 7.7 ms freshly allocated), and on the cpu kernel the rows are gathered straight into
-// them. Roles: 0 dispatch send, 1 dispatch receive, 2 combine send, 3 combine receive; the
-// backward uses them in the same roles (its dispatch sends dy out, its combine brings dx back).
+// reused, 7.7 ms freshly allocated), and on the cpu kernel rows are gathered straight into them,
+// the experts read their input where it arrived and write their output where it leaves from.
+// Roles (moe_layer_parallel.cpp): 0 the rows out; 1 the rows in, the experts' input, kept until
+// the backward's experts; 2 the experts' outputs out, then the backward's dx out; 3 the outputs
+// back, kept until the backward's combine, then dx back; 4 the backward's dy out; 5 dy in. So a
+// layer's forward must be followed by its backward (or by another forward, which discards it)
+// before its next forward: what the trainer does.
 struct ExchangeBuffers {
-  Tensor host[4];
+  Tensor host[6];
   // A [count, d] view of host[role], regrown when it is too small.
   Tensor rows(int role, DType dtype, int64_t count, int64_t d);
+};
+
+// Charges the wall time since the last charge to one of the profile's figures.
+class Laps {
+ public:
+  explicit Laps(ExchangeProfile& profile) : profile_(profile) {}
+  void charge(double ExchangeProfile::*figure) {
+    const auto now = std::chrono::steady_clock::now();
+    profile_.*figure += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  // A collective of the expert exchange: what came before it was row ordering; with
+  // separate_waits, a barrier first takes the wait for slower ranks out of the transfer.
+  template <class F>
+  void transfer(Comm& comm, F&& collective) {
+    charge(&ExchangeProfile::permute_seconds);
+    if (profile_.separate_waits) {
+      comm.barrier();
+      charge(&ExchangeProfile::wait_seconds);
+    }
+    collective();
+    charge(&ExchangeProfile::transfer_seconds);
+  }
+
+ private:
+  ExchangeProfile& profile_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
 // Runs a call into plugin code. Whatever it throws comes back naming the plugin, its file, the

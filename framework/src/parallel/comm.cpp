@@ -25,6 +25,10 @@ class LocalComm : public Comm {
                  recv_bytes.at(0));
     copy(send, send_bytes[0], recv);
   }
+  void exchange(const void* send, const std::vector<CommBlock>& sends, void* recv,
+                const std::vector<CommBlock>& recvs) override {
+    copy_own_blocks(send, sends, recv, recvs, "local exchange");
+  }
   void broadcast(void*, int64_t, int root) override {
     MOELAB_CHECK(root == 0, "local broadcast from rank {} of 1", root);
   }
@@ -39,6 +43,25 @@ class LocalComm : public Comm {
 };
 
 }  // namespace
+
+void copy_own_blocks(const void* send, const std::vector<CommBlock>& sends, void* recv,
+                     const std::vector<CommBlock>& recvs, const char* what, int self) {
+  std::vector<const CommBlock*> out, in;
+  for (const CommBlock& b : sends)
+    if (b.rank == self && b.bytes > 0) out.push_back(&b);
+  for (const CommBlock& b : recvs)
+    if (b.rank == self && b.bytes > 0) in.push_back(&b);
+  if (out.size() != in.size())
+    throw RuntimeError(
+        fmt::format("{}: {} non-empty blocks to this rank itself, {} from it", what, out.size(), in.size()));
+  for (size_t k = 0; k < out.size(); ++k) {
+    if (out[k]->bytes != in[k]->bytes)
+      throw RuntimeError(fmt::format("{}: block {} to this rank itself has {} bytes, and {} are expected", what, k,
+                                     out[k]->bytes, in[k]->bytes));
+    std::memmove(static_cast<char*>(recv) + in[k]->offset, static_cast<const char*>(send) + out[k]->offset,
+                 static_cast<size_t>(out[k]->bytes));
+  }
+}
 
 std::unique_ptr<Comm> make_local_comm() {
   return std::make_unique<LocalComm>();

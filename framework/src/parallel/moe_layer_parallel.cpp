@@ -7,11 +7,18 @@
 // split: a rank sends each of its own tokens' dispatched rows to the rank of its expert group
 // that holds that expert, in five steps,
 //   1. count its rows per (destination rank, expert) and exchange the counts (alltoall),
-//   2. order its rows by (destination rank, expert, assignment), deterministically,
-//   3. exchange the rows (alltoallv), then put the received rows in (expert, source rank) order,
-//   4. run its local experts on them (one grouped call),
-//   5. send the outputs back (alltoallv) and combine them with the router's weights,
-// and the backward runs the same exchanges in reverse. Every rank enters every collective,
+//   2. order its rows by (local expert index, destination rank, assignment), deterministically,
+//   3. exchange the rows (Comm::exchange, a block per (local expert, rank)): the received rows
+//      land in (expert, source rank) order, the order the experts read, so no row is moved
+//      again on arrival,
+//   4. run its local experts on them (one grouped call), writing straight into the send buffer,
+//   5. send the outputs back (the same alltoallvs inverted) and combine them with the router's
+//      weights,
+// and the backward runs the same exchanges in reverse. One alltoallv ordered by destination would
+// need the received rows re-sorted into expert order, and the outputs sorted back before the
+// return trip: two more passes over every row each way, which cost more here than the transfers
+// themselves; one alltoallv per local expert would pay a collective's latency L times
+// (docs/parallel.md measures the three). Every rank enters every collective,
 // whether it sends or receives rows or not, so a rank without tokens for anyone cannot hang.
 //
 // Gradients: the router's and balancers' come out whole on every rank (they see the global
@@ -20,7 +27,6 @@
 // replicas by the trainer.
 #include <fmt/format.h>
 
-#include <chrono>
 #include <numeric>
 
 #include "../model/moe_layer_internal.hpp"
@@ -40,35 +46,19 @@ Tensor ExchangeBuffers::rows(int role, DType dtype, int64_t count, int64_t d) {
 
 namespace {
 
-// Charges the wall time since the last charge to one of the profile's figures.
-class Laps {
- public:
-  explicit Laps(ExchangeProfile& profile) : profile_(profile) {}
-  void charge(double ExchangeProfile::*figure) {
-    const auto now = std::chrono::steady_clock::now();
-    profile_.*figure += std::chrono::duration<double>(now - last_).count();
-    last_ = now;
-  }
-  // A collective of the expert exchange: what came before it was row ordering; with
-  // separate_waits, a barrier first takes the wait for slower ranks out of the transfer.
-  template <class F>
-  void transfer(Comm& comm, F&& collective) {
-    charge(&ExchangeProfile::permute_seconds);
-    if (profile_.separate_waits) {
-      comm.barrier();
-      charge(&ExchangeProfile::wait_seconds);
-    }
-    collective();
-    charge(&ExchangeProfile::transfer_seconds);
-  }
+// The exchange buffers' roles (ExchangeBuffers): forward dispatch out and in (the experts' input,
+// kept until the backward), the experts' outputs out (and the backward's dx), the combine in (the
+// outputs back, kept until the backward's combine, then dx back), the backward's dy out and in.
+constexpr int kDispatchSend = 0, kExpertsIn = 1, kExpertsOut = 2, kCombineIn = 3, kGradSend = 4, kGradIn = 5;
 
- private:
-  ExchangeProfile& profile_;
-  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
-};
+// A [count, d] tensor for the experts to write rows into that leave this rank next: on the cpu
+// kernel the kExpertsOut buffer itself, elsewhere a device tensor (copied by exchange_blocks).
+Tensor expert_rows(Ops& ops, ExchangeBuffers& buffers, DType dtype, int64_t count, int64_t d) {
+  return ops.device() == DeviceKind::cpu ? buffers.rows(kExpertsOut, dtype, count, d) : ops.empty(dtype, {count, d});
+}
 
 // The rows `index` of src [*, d] that this rank sends, in role's send buffer (on the cpu kernel
-// the buffer itself; elsewhere a device tensor, copied to the buffer by exchange_rows).
+// the buffer itself; elsewhere a device tensor, copied to the buffer by exchange_blocks).
 Tensor rows_to_send(Ops& ops, ExchangeBuffers& buffers, int role, const Tensor& src, const Tensor& index,
                     int64_t count) {
   const int64_t d = src.dim(1);
@@ -79,25 +69,34 @@ Tensor rows_to_send(Ops& ops, ExchangeBuffers& buffers, int role, const Tensor& 
   return out;
 }
 
-// Rows [R, d] (`send_rows[r]` of them for rank r, packed in rank order) to the ranks of `comm`
-// from send buffer `role`, into receive buffer role + 1; returns the rows received, `recv_rows[r]`
-// from rank r, packed the same way.
-Tensor exchange_rows(Ops& ops, Comm& comm, ExchangeBuffers& buffers, int role, const Tensor& rows,
-                     const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows, Laps& laps) {
-  const int64_t d = rows.dim(1);
-  Tensor send = buffers.rows(role, rows.dtype(), rows.dim(0), d);
-  if (rows.raw() != send.raw() && rows.numel() > 0) ops.copy(rows, send);
+// The rows of an exchange in blocks per (local expert e, rank m): `rows` [R, d] in send buffer
+// `send_role` holds, e-major, send[m * L + e] rows of the e-th expert for each rank m in turn; the
+// rows received land in buffer `recv_role` the same way, e-major, recv[m * L + e] from each rank
+// m. One Comm::exchange of L x ranks blocks (a rank with no rows lists empty blocks). The
+// inverse exchange swaps the two count lists.
+Tensor exchange_blocks(Ops& ops, Comm& comm, ExchangeBuffers& buffers, int send_role, int recv_role, const Tensor& rows,
+                       const std::vector<int64_t>& send, const std::vector<int64_t>& recv, int64_t local_experts,
+                       Laps& laps) {
+  const int64_t d = rows.dim(1), members = comm.size();
+  Tensor out = buffers.rows(send_role, rows.dtype(), rows.dim(0), d);
+  if (rows.raw() != out.raw() && rows.numel() > 0) ops.copy(rows, out);
   const int64_t row_bytes = d * static_cast<int64_t>(dtype_size(rows.dtype()));
-  std::vector<int64_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
-  int64_t received = 0;
-  for (size_t r = 0; r < send_rows.size(); ++r) {
-    send_bytes[r] = send_rows[r] * row_bytes;
-    recv_bytes[r] = recv_rows[r] * row_bytes;
-    received += recv_rows[r];
-  }
-  Tensor recv = buffers.rows(role + 1, rows.dtype(), received, d);
-  laps.transfer(comm, [&] { comm.alltoallv(send.raw(), send_bytes, recv.raw(), recv_bytes); });
-  return ops.to_device(recv);
+  const int64_t received = std::accumulate(recv.begin(), recv.end(), int64_t{0});
+  Tensor in = buffers.rows(recv_role, rows.dtype(), received, d);
+  std::vector<CommBlock> sends, recvs;
+  sends.reserve(send.size());
+  recvs.reserve(recv.size());
+  int64_t sent_at = 0, got_at = 0;
+  for (int64_t e = 0; e < local_experts; ++e)
+    for (int64_t m = 0; m < members; ++m) {
+      const auto i = static_cast<size_t>(m * local_experts + e);
+      sends.push_back(CommBlock{static_cast<int>(m), sent_at, send[i] * row_bytes});
+      recvs.push_back(CommBlock{static_cast<int>(m), got_at, recv[i] * row_bytes});
+      sent_at += send[i] * row_bytes;
+      got_at += recv[i] * row_bytes;
+    }
+  laps.transfer(comm, [&] { comm.exchange(out.raw(), sends, in.raw(), recvs); });
+  return ops.to_device(in);
 }
 
 // Whether a parameter of shape `full` with `experts` experts and `part` with `local` is one row
@@ -105,12 +104,6 @@ Tensor exchange_rows(Ops& ops, Comm& comm, ExchangeBuffers& buffers, int role, c
 bool sliced_by_expert(const Shape& full, const Shape& part, int64_t experts, int64_t local) {
   return !full.empty() && full.size() == part.size() && full[0] == experts && part[0] == local &&
          std::equal(full.begin() + 1, full.end(), part.begin() + 1);
-}
-
-Tensor gathered(Ops& ops, const Tensor& src, const Tensor& index, int64_t rows, int64_t d) {
-  Tensor out = ops.empty(src.dtype(), {rows, d});
-  if (rows > 0) ops.gather_rows(src, index, out);
-  return out;
 }
 
 }  // namespace
@@ -201,80 +194,65 @@ Tensor MoeLayer::forward_parallel(const Tensor& x, const LayerInput& input) {
   saved->final_expert = dispatch.final_expert;
   laps.charge(&ExchangeProfile::route_seconds);
 
-  // 1-2. This rank's rows, already in (expert, assignment) order, and their counts.
+  // 1-2. This rank's rows in (local expert, destination rank, assignment) order, and their counts.
   const int64_t local_experts = parallel_->local_experts(experts), members = group.size();
   auto ex = std::make_unique<Exchange>();
+  ex->local_experts = local_experts;
   std::vector<int32_t> send_token, send_assignment;
-  std::vector<int64_t> send_counts(static_cast<size_t>(experts), 0);  // [members, local experts]
-  for (int64_t e = 0; e < experts; ++e)
-    for (int64_t row = dispatch.offsets[static_cast<size_t>(e)]; row < dispatch.offsets[static_cast<size_t>(e) + 1];
-         ++row) {
-      const int32_t t = dispatch.source_token[static_cast<size_t>(row)];
-      if (t < offset || t >= offset + local_tokens) continue;
-      send_token.push_back(static_cast<int32_t>(t - offset));
-      send_assignment.push_back(dispatch.order[static_cast<size_t>(row)]);
-      ++send_counts[static_cast<size_t>(e)];
-    }
-  std::vector<int64_t> recv_counts(static_cast<size_t>(experts), 0);  // [source, local expert]
-  laps.transfer(group, [&] {
-    group.alltoall(send_counts.data(), local_experts * static_cast<int64_t>(sizeof(int64_t)), recv_counts.data());
-  });
-  ex->send_rows.assign(static_cast<size_t>(members), 0);
-  ex->recv_rows.assign(static_cast<size_t>(members), 0);
-  for (int64_t m = 0; m < members; ++m)
-    for (int64_t e = 0; e < local_experts; ++e) {
-      ex->send_rows[static_cast<size_t>(m)] += send_counts[static_cast<size_t>(m * local_experts + e)];
-      ex->recv_rows[static_cast<size_t>(m)] += recv_counts[static_cast<size_t>(m * local_experts + e)];
-    }
-  const int64_t sent = static_cast<int64_t>(send_token.size());
-  ex->send_token = upload_ints(ops_, send_token);
-  ex->send_assignment = upload_ints(ops_, send_assignment);
-
-  // 3. The rows out, and the received rows into (expert, source rank) order.
-  if (!buffers_) buffers_ = std::make_unique<ExchangeBuffers>();
-  ExchangeBuffers& buffers = *buffers_;
-  const Tensor send_x = rows_to_send(ops_, buffers, 0, x, ex->send_token, sent);
-  const Tensor recv_x = exchange_rows(ops_, group, buffers, 0, send_x, ex->send_rows, ex->recv_rows, laps);
-  const int64_t received = recv_x.dim(0);
-  std::vector<int64_t> block_start(static_cast<size_t>(members * local_experts), 0);  // in recv order
-  int64_t at = 0;
-  for (int64_t m = 0; m < members; ++m)
-    for (int64_t e = 0; e < local_experts; ++e) {
-      block_start[static_cast<size_t>(m * local_experts + e)] = at;
-      at += recv_counts[static_cast<size_t>(m * local_experts + e)];
-    }
-  std::vector<int32_t> recv_of_sorted, sorted_of_recv(static_cast<size_t>(received));
-  ex->offsets.assign(static_cast<size_t>(local_experts) + 1, 0);
-  for (int64_t e = 0; e < local_experts; ++e) {
+  ex->send_counts.assign(static_cast<size_t>(experts), 0);  // [members, local experts]
+  for (int64_t e = 0; e < local_experts; ++e)
     for (int64_t m = 0; m < members; ++m) {
-      const int64_t start = block_start[static_cast<size_t>(m * local_experts + e)];
-      for (int64_t i = 0; i < recv_counts[static_cast<size_t>(m * local_experts + e)]; ++i) {
-        sorted_of_recv[static_cast<size_t>(start + i)] = static_cast<int32_t>(recv_of_sorted.size());
-        recv_of_sorted.push_back(static_cast<int32_t>(start + i));
+      const auto g = static_cast<size_t>(m * local_experts + e);  // the global expert
+      for (int64_t row = dispatch.offsets[g]; row < dispatch.offsets[g + 1]; ++row) {
+        const int32_t t = dispatch.source_token[static_cast<size_t>(row)];
+        if (t < offset || t >= offset + local_tokens) continue;
+        send_token.push_back(static_cast<int32_t>(t - offset));
+        send_assignment.push_back(dispatch.order[static_cast<size_t>(row)]);
+        ++ex->send_counts[g];
       }
     }
-    ex->offsets[static_cast<size_t>(e) + 1] = static_cast<int64_t>(recv_of_sorted.size());
+  ex->recv_counts.assign(static_cast<size_t>(experts), 0);  // [source, local expert]
+  laps.transfer(group, [&] {
+    group.alltoall(ex->send_counts.data(), local_experts * static_cast<int64_t>(sizeof(int64_t)),
+                   ex->recv_counts.data());
+  });
+  ex->offsets.assign(static_cast<size_t>(local_experts) + 1, 0);
+  for (int64_t e = 0; e < local_experts; ++e) {
+    int64_t rows = 0;
+    for (int64_t m = 0; m < members; ++m) rows += ex->recv_counts[static_cast<size_t>(m * local_experts + e)];
+    ex->offsets[static_cast<size_t>(e) + 1] = ex->offsets[static_cast<size_t>(e)] + rows;
   }
-  ex->recv_of_sorted = upload_ints(ops_, recv_of_sorted);
-  ex->sorted_of_recv = upload_ints(ops_, sorted_of_recv);
-  ex->x_sorted = gathered(ops_, recv_x, ex->recv_of_sorted, received, d);
-  profile_.send_bytes = ex->send_rows;
-  profile_.recv_bytes = ex->recv_rows;
-  for (int64_t m = 0; m < members; ++m) {
-    profile_.send_bytes[static_cast<size_t>(m)] *= d * static_cast<int64_t>(dtype_size(x.dtype()));
-    profile_.recv_bytes[static_cast<size_t>(m)] *= d * static_cast<int64_t>(dtype_size(x.dtype()));
-  }
+  const int64_t sent = static_cast<int64_t>(send_token.size()), received = ex->offsets.back();
+  ex->send_token = upload_ints(ops_, send_token);
+  ex->send_assignment = upload_ints(ops_, send_assignment);
+  const int64_t row_bytes = d * static_cast<int64_t>(dtype_size(x.dtype()));
+  profile_.send_bytes.assign(static_cast<size_t>(members), 0);
+  profile_.recv_bytes.assign(static_cast<size_t>(members), 0);
+  for (int64_t m = 0; m < members; ++m)
+    for (int64_t e = 0; e < local_experts; ++e) {
+      profile_.send_bytes[static_cast<size_t>(m)] +=
+          ex->send_counts[static_cast<size_t>(m * local_experts + e)] * row_bytes;
+      profile_.recv_bytes[static_cast<size_t>(m)] +=
+          ex->recv_counts[static_cast<size_t>(m * local_experts + e)] * row_bytes;
+    }
+
+  // 3. The rows out; they arrive in (expert, source rank) order, the experts' input.
+  if (!buffers_) buffers_ = std::make_unique<ExchangeBuffers>();
+  ExchangeBuffers& buffers = *buffers_;
+  const Tensor send_x = rows_to_send(ops_, buffers, kDispatchSend, x, ex->send_token, sent);
+  ex->x_sorted = exchange_blocks(ops_, group, buffers, kDispatchSend, kExpertsIn, send_x, ex->send_counts,
+                                 ex->recv_counts, local_experts, laps);
   laps.charge(&ExchangeProfile::permute_seconds);
 
-  // 4. The local experts, in one grouped call.
-  ex->y_sorted = ops_.empty(x.dtype(), {received, d});
-  ex->experts_context = in_plugin(experts_tag_, "forward",
-                                  [&] { return experts_->forward(ops_, ex->x_sorted, ex->offsets, ex->y_sorted); });
+  // 4. The local experts, in one grouped call, into the buffer their outputs leave from.
+  Tensor y_sorted = expert_rows(ops_, buffers, x.dtype(), received, d);
+  ex->experts_context =
+      in_plugin(experts_tag_, "forward", [&] { return experts_->forward(ops_, ex->x_sorted, ex->offsets, y_sorted); });
   laps.charge(&ExchangeProfile::experts_seconds);
 
-  // 5. The outputs back, and the weighted combine.
-  const Tensor y_recv = rows_to_send(ops_, buffers, 2, ex->y_sorted, ex->sorted_of_recv, received);
-  ex->y_back = exchange_rows(ops_, group, buffers, 2, y_recv, ex->recv_rows, ex->send_rows, laps);
+  // 5. The outputs back, in send order, and the weighted combine.
+  ex->y_back = exchange_blocks(ops_, group, buffers, kExpertsOut, kCombineIn, y_sorted, ex->recv_counts,
+                               ex->send_counts, local_experts, laps);
   ex->send_weight = ops_.empty(x.dtype(), {sent, 1});
   if (sent > 0) ops_.gather_rows(plan.weight.reshaped({plan.weight.numel(), 1}), ex->send_assignment, ex->send_weight);
   ex->send_weight = ex->send_weight.reshaped({sent});
@@ -315,8 +293,8 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   // The combine: dL/dw of each row sent, and w * dy to its expert's rank.
   RouterGrad grad;
   grad.weight = ops_.zeros(s.plan.weight.dtype(), {assignments});
-  ExchangeBuffers& buffers = *buffers_;  // ex.y_back lives in buffer 3 until the combine below
-  Tensor dy_send = rows_to_send(ops_, buffers, 0, dy, ex.send_token, sent);
+  ExchangeBuffers& buffers = *buffers_;  // x_sorted and y_back are still in theirs
+  Tensor dy_send = rows_to_send(ops_, buffers, kGradSend, dy, ex.send_token, sent);
   if (sent > 0) {
     Tensor drow_weight = ops_.empty(dy.dtype(), {sent});
     ops_.row_dot(dy_send, ex.y_back, drow_weight);
@@ -324,15 +302,16 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
     ops_.scatter_add_rows(drow_weight.reshaped({sent, 1}), ex.send_assignment, nullptr, dweight);
     ops_.scale_rows(ex.send_weight, dy_send);
   }
-  const Tensor dy_recv = exchange_rows(ops_, group, buffers, 0, dy_send, ex.send_rows, ex.recv_rows, laps);
-  const Tensor dy_sorted = gathered(ops_, dy_recv, ex.recv_of_sorted, received, d);
-  Tensor dx_sorted = ops_.empty(dy.dtype(), {received, d});
+  const Tensor dy_sorted = exchange_blocks(ops_, group, buffers, kGradSend, kGradIn, dy_send, ex.send_counts,
+                                           ex.recv_counts, ex.local_experts, laps);
+  Tensor dx_sorted = expert_rows(ops_, buffers, dy.dtype(), received, d);  // the outputs are sent already
   laps.charge(&ExchangeProfile::permute_seconds);
   in_plugin(experts_tag_, "backward",
             [&] { experts_->backward(ops_, ex.x_sorted, ex.offsets, *ex.experts_context, dy_sorted, dx_sorted); });
   laps.charge(&ExchangeProfile::experts_seconds);
-  const Tensor dx_recv = rows_to_send(ops_, buffers, 2, dx_sorted, ex.sorted_of_recv, received);
-  const Tensor dx_send = exchange_rows(ops_, group, buffers, 2, dx_recv, ex.recv_rows, ex.send_rows, laps);
+  // Into the combine's receive buffer: y_back was last read above.
+  const Tensor dx_send = exchange_blocks(ops_, group, buffers, kExpertsOut, kCombineIn, dx_sorted, ex.recv_counts,
+                                         ex.send_counts, ex.local_experts, laps);
   if (sent > 0) ops_.scatter_add_rows(dx_send, ex.send_token, nullptr, dx);
   laps.charge(&ExchangeProfile::permute_seconds);
 

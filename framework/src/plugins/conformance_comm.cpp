@@ -75,6 +75,40 @@ void comm_checks(const PluginRegistry& registry, const PluginInfo& info,
   emit(outcome("alltoallv", size, ok,
                fmt::format("{} values received in blocks of 0 to 2, empty blocks included", unpacked.size())));
 
+  // exchange: to every rank r two blocks, pair_count(rank, r) values then one, listed second
+  // blocks first in reverse rank order, sent from and received into scattered offsets (the
+  // receiver lays its blocks out backwards), so that pairing, offsets and empty blocks all show.
+  std::vector<CommBlock> sends, recvs;
+  std::vector<int32_t> source, target;
+  for (int r = 0; r < size; ++r)
+    for (int64_t i = 0; i <= pair_count(rank, r); ++i) source.push_back(rank * 100 + r * 10 + static_cast<int>(i));
+  int64_t total_in = 0;
+  for (int r = 0; r < size; ++r) total_in += pair_count(r, rank) + 1;
+  target.assign(static_cast<size_t>(total_in), -1);
+  std::vector<int64_t> first_at(static_cast<size_t>(size));  // where rank r's values start in source
+  for (int r = 0, at = 0; r < size; ++r) {
+    first_at[static_cast<size_t>(r)] = at;
+    at += static_cast<int>(pair_count(rank, r)) + 1;
+  }
+  int64_t in_at = total_in;                                  // received blocks fill target from its end
+  std::vector<std::pair<int64_t, int32_t>> expected_values;  // (index in target, value)
+  for (int k = 0; k < 2; ++k)
+    for (int r = size - 1; r >= 0; --r) {
+      const int64_t n_out = k == 0 ? pair_count(rank, r) : 1, n_in = k == 0 ? pair_count(r, rank) : 1;
+      const int64_t out_first = first_at[static_cast<size_t>(r)] + (k == 0 ? 0 : pair_count(rank, r));
+      sends.push_back(CommBlock{r, out_first * 4, n_out * 4});
+      in_at -= n_in;
+      recvs.push_back(CommBlock{r, in_at * 4, n_in * 4});
+      const int64_t value_first = k == 0 ? 0 : pair_count(r, rank);
+      for (int64_t i = 0; i < n_in; ++i)
+        expected_values.emplace_back(in_at + i, r * 100 + rank * 10 + static_cast<int>(value_first + i));
+    }
+  comm->exchange(source.data(), sends, target.data(), recvs);
+  ok = true;
+  for (const auto& [index, value] : expected_values) ok = ok && target[static_cast<size_t>(index)] == value;
+  emit(outcome("exchange", size, ok,
+               fmt::format("{} blocks in, to scattered offsets, empty ones included", recvs.size())));
+
   int64_t token = rank == size - 1 ? 4242 : 0;
   comm->broadcast(&token, sizeof token, size - 1);
   emit(outcome("broadcast", size, token == 4242, fmt::format("received {} from the last rank", token)));

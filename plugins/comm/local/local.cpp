@@ -23,6 +23,10 @@ class LocalComm : public moelab::Comm {
                  const std::vector<int64_t>& recv_bytes) override {
     inner_->alltoallv(send, send_bytes, recv, recv_bytes);
   }
+  void exchange(const void* send, const std::vector<moelab::CommBlock>& sends, void* recv,
+                const std::vector<moelab::CommBlock>& recvs) override {
+    inner_->exchange(send, sends, recv, recvs);
+  }
   void broadcast(void* data, int64_t bytes, int root) override { inner_->broadcast(data, bytes, root); }
   void barrier() override { inner_->barrier(); }
   std::unique_ptr<moelab::Comm> split(int color, int key) override { return inner_->split(color, key); }

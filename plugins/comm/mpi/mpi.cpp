@@ -135,6 +135,31 @@ class MpiComm : public moelab::Comm {
                         rd.data(), MPI_BYTE, comm_),
           "MPI_Alltoallv");
   }
+  // Point to point: every receive posted, then every send, then one wait for all. One tag: MPI
+  // matches messages between two ranks in the order they were posted, which is the pairing.
+  void exchange(const void* send, const std::vector<moelab::CommBlock>& sends, void* recv,
+                const std::vector<moelab::CommBlock>& recvs) override {
+    constexpr int kTag = 0x4d6f;
+    requests_.clear();
+    for (const moelab::CommBlock& b : recvs) {
+      if (b.bytes == 0 || b.rank == rank_) continue;
+      check_rank(b.rank, "MPI_Irecv");
+      MPI_Request& r = requests_.emplace_back(MPI_REQUEST_NULL);
+      check(MPI_Irecv(static_cast<char*>(recv) + b.offset, count_of(b.bytes, "MPI_Irecv"), MPI_BYTE, b.rank, kTag,
+                      comm_, &r),
+            "MPI_Irecv");
+    }
+    for (const moelab::CommBlock& b : sends) {
+      if (b.bytes == 0 || b.rank == rank_) continue;
+      check_rank(b.rank, "MPI_Isend");
+      MPI_Request& r = requests_.emplace_back(MPI_REQUEST_NULL);
+      check(MPI_Isend(static_cast<const char*>(send) + b.offset, count_of(b.bytes, "MPI_Isend"), MPI_BYTE, b.rank, kTag,
+                      comm_, &r),
+            "MPI_Isend");
+    }
+    moelab::copy_own_blocks(send, sends, recv, recvs, "exchange", rank_);  // while the others move
+    check(MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  }
   void broadcast(void* data, int64_t bytes, int root) override {
     check(MPI_Bcast(data, count_of(bytes, "MPI_Bcast"), MPI_BYTE, root, comm_), "MPI_Bcast");
   }
@@ -154,7 +179,12 @@ class MpiComm : public moelab::Comm {
     check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
     check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
   }
+  void check_rank(int r, const char* call) const {
+    if (r < 0 || r >= size_)
+      throw RuntimeError(fmt::format("{}: rank {} is not in this communicator of {} ranks", call, r, size_));
+  }
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::vector<MPI_Request> requests_;  // kept: one allocation for every exchange
   bool owns_mpi_ = false, owns_comm_ = false;
   int rank_ = 0, size_ = 1;
 };
