@@ -613,6 +613,67 @@ TEST_CASE("large attention on threads matches the reference and is deterministic
   }
 }
 
+// The cpu kernel's f32 attention runs in tiles of 128 queries x 128 keys with an online softmax
+// (plugins/kernels/cpu/attention.hpp); these sequences span two tiles, the second one partial.
+// Against the f64 reference on the same f32-representable inputs, relative to max(|expected|, 1):
+// f32 rounds at 6e-8 per operation, the scores are dot products of up to 48 terms, each softmax
+// sums up to 150 exponentials (the kernel's exp: 2.4e-7 relative) rescaled once per tile, and the
+// backward's dK and dV sum up to 150 products per entry (measured at most 9e-7), so 5e-6.
+constexpr double kFlashTolerance = 5e-6;
+
+TEST_CASE("f32 attention in tiles (flash) agrees with the f64 reference: MHA, GQA, MQA and MLA's widths") {
+  Ops& ops = cpu_kernel();
+  Rng rng(31);
+  const std::vector<AttentionCase> cases = {{"MHA", 4, 4, 150, 2, 32, 32, 1 / std::sqrt(32.0)},
+                                            {"GQA", 4, 2, 150, 2, 16, 24, 0.25},
+                                            {"MQA", 3, 1, 129, 2, 24, 16, 0.2},
+                                            {"MLA widths", 2, 2, 150, 1, 48, 32, 1 / std::sqrt(48.0)}};
+  for (const AttentionCase& c : cases) {
+    CAPTURE(c.name);
+    const AttentionInputs in = random_attention_inputs(c, DType::f64, rng);
+    const AttentionInputs exact{f32_representable(in.q), f32_representable(in.k), f32_representable(in.v)};
+    const AttentionInputs in32{converted(exact.q, DType::f32), converted(exact.k, DType::f32),
+                               converted(exact.v, DType::f32)};
+    const Tensor dout = f32_representable(uniform(DType::f64, c.out_shape(), rng));
+    const AttentionResult r64 = run_attention(ops, c, exact), r32 = run_attention(ops, c, in32);
+    const double out_error = max_rel_error(values_of(r32.out), values_of(r64.out));
+    const double lse_error = max_rel_error(values_of(r32.lse), values_of(r64.lse));
+    const AttentionGrads g64 = run_attention_backward(ops, c, exact, dout);
+    const AttentionGrads g32 = run_attention_backward(ops, c, in32, converted(dout, DType::f32));
+    const double dq_error = max_rel_error(values_of(g32.dq), values_of(g64.dq));
+    const double dk_error = max_rel_error(values_of(g32.dk), values_of(g64.dk));
+    const double dv_error = max_rel_error(values_of(g32.dv), values_of(g64.dv));
+    MESSAGE(c.name, ": out ", out_error, ", lse ", lse_error, ", dq ", dq_error, ", dk ", dk_error, ", dv ", dv_error);
+    CHECK(out_error < kFlashTolerance);
+    CHECK(lse_error < kFlashTolerance);
+    CHECK(dq_error < kFlashTolerance);
+    CHECK(dk_error < kFlashTolerance);
+    CHECK(dv_error < kFlashTolerance);
+  }
+}
+
+TEST_CASE("f32 attention in tiles gives the same bits on 1 and 2 threads") {
+  // 8 sequences of 130 on 4 query heads and 2 kv heads: 32 forward items, 16 backward ones, enough
+  // for the kernel to share them between two threads.
+  const AttentionCase c{"GQA", 4, 2, 130, 8, 32, 32, 1 / std::sqrt(32.0)};
+  Rng rng(32);
+  const AttentionInputs in = random_attention_inputs(c, DType::f32, rng);
+  const Tensor dout = uniform(DType::f32, c.out_shape(), rng);
+  std::vector<std::vector<double>> runs;
+  for (int64_t threads : {int64_t{1}, int64_t{2}}) {
+    const std::shared_ptr<Ops> ops = load_kernel("cpu", {{"threads", threads}});
+    const AttentionResult r = run_attention(*ops, c, in);
+    const AttentionGrads g = run_attention_backward(*ops, c, in, dout);
+    std::vector<double> all = values_of(r.out);
+    for (const Tensor* t : {&r.lse, &g.dq, &g.dk, &g.dv}) {
+      const std::vector<double> more = values_of(*t);
+      all.insert(all.end(), more.begin(), more.end());
+    }
+    runs.push_back(std::move(all));
+  }
+  CHECK(runs[0] == runs[1]);
+}
+
 TEST_CASE("attention timing, f32: 8 sequences of 128, 4 heads of width 32 (reported, not asserted)") {
   Ops& ops = cpu_kernel();
   Rng rng(14);

@@ -62,6 +62,8 @@ std::shared_ptr<Ops> default_kernel(const PluginRegistry& registry, const std::s
 bool parse_shape(const char* text, BenchShape& s);
 
 // moelab-bench --parallel (parallel_bench.cpp): the MoE layer on the ranks mpirun started.
+// moelab-bench --attention (attention_bench.cpp).
+int attention_bench(int repeats, const std::string& kernel);
 int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std::string& kernel);
 
 }  // namespace moelab::bench

@@ -4,6 +4,7 @@
 //   build/bin/moelab-bench                       # the three CPU shapes, balanced routing
 //   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
 //   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
+//   build/bin/moelab-bench --attention            # causal attention (attention_bench.cpp)
 //
 // FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
 // 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).
@@ -74,7 +75,8 @@ using namespace moelab::bench;
 int usage(int status) {
   std::fprintf(status == 0 ? stdout : stderr,
                "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n"
-               "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n\n"
+               "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n"
+               "       moelab-bench --attention [--repeats N] [--kernel NAME]\n\n"
                "Times one MoE layer (softmax_topk router, glu experts, dropless) forward and\n"
                "forward+backward against a dense GEMM of the same FLOPs on the same kernel, and\n"
                "prints GFLOP/s and the ratio. Default shapes: 4096,512,1408,8,2  4096,512,352,64,8\n"
@@ -82,7 +84,10 @@ int usage(int status) {
                "--parallel, under mpirun: the layer with its experts split over the N ranks (T is\n"
                "the global batch), against the same bytes through a plain MPI_Alltoallv and against\n"
                "one process doing 1/N of the work (T/N tokens, E/N experts). Default shapes:\n"
-               "4096,512,1408,8,2  4096,512,352,64,8.\n");
+               "4096,512,1408,8,2  4096,512,352,64,8.\n\n"
+               "--attention: causal attention in f32 (the default recipe's shape, MHA, GQA, MQA, MLA\n"
+               "widths), forward and forward+backward, against a GEMM of the same FLOPs and against\n"
+               "the previous version (the reference loops) in the same rounds.\n");
   return status;
 }
 
@@ -92,12 +97,16 @@ int main(int argc, char** argv) {
   std::vector<BenchShape> shapes;
   int repeats = 5;
   std::string kernel = "cpu";
-  bool parallel = false;
+  bool parallel = false, attention = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") return usage(0);
     if (a == "--parallel") {
       parallel = true;
+      continue;
+    }
+    if (a == "--attention") {
+      attention = true;
       continue;
     }
     if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
@@ -115,6 +124,19 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "moelab-bench: error: unknown argument '%s'\n", a.c_str());
       return usage(2);
+    }
+  }
+  if (attention && (parallel || !shapes.empty())) {
+    std::fprintf(stderr,
+                 "moelab-bench: error: --attention runs its own shapes; it takes neither --shape nor --parallel\n");
+    return 2;
+  }
+  if (attention) {
+    try {
+      return attention_bench(repeats, kernel);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 1;
     }
   }
   if (parallel) {

@@ -28,6 +28,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention.hpp"
+#include "exp_f32.hpp"
 #include "moelab/plugin.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -41,6 +43,8 @@ extern "C" int gotoblas_pthread(int threads, void* function, void* args, int str
 
 namespace moelab {
 namespace {
+
+using cpu::exp_nonpositive;
 
 // --- operand checks ---------------------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class OpCheck {
 
  private:
   const char* op_;
-  std::array<Operand, 6> operands_{};
+  std::array<Operand, 10> operands_{};
   size_t count_ = 0;
   DType dtype_ = DType::f32;
 };
@@ -147,36 +151,6 @@ template <class T>
 [[gnu::always_inline]] inline T stable_sigmoid(T x) {
   const T e = std::exp(-std::abs(x));
   return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-}
-
-// exp(y) for y <= 0 (NaN passes through) in f32, without branches or calls so that loops over it
-// vectorise; libm's expf is a call per element (~8.5 ns), as long as the expert GEMMs in total.
-// Cody-Waite reduction y = n ln2 + r, |r| <= ln2/2, and Cephes' degree-7 minimax polynomial for
-// e^r; 2^n is built from exponent bits in two halves so that results down to the smallest
-// subnormal come out right. Measured against exp in double: relative error below 2^-22 (2.4e-7)
-// for y >= -87.3 (normal results); subnormal results are within 2^-149 absolute.
-[[gnu::always_inline]] inline float exp_nonpositive(float y) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2High = 0.693359375f;  // ln 2 = kLn2High + kLn2Low, kLn2High exact in 9 bits
-  constexpr float kLn2Low = -2.12194440e-4f;
-  constexpr float kRoundMagic = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kLowest = -103.972084f;            // below it e^y rounds to 0 in f32
-  const float clamped = y >= kLowest ? y : kLowest;  // NaN goes to kLowest here, restored below
-  const float n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
-  const float r = (clamped - n * kLn2High) - n * kLn2Low;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const auto exponent = static_cast<int32_t>(n);  // in [-150, 0]
-  const int32_t half = exponent / 2;              // both halves >= -75: normal powers of two
-  const float scale_a = std::bit_cast<float>((half + 127) << 23);
-  const float scale_b = std::bit_cast<float>((exponent - half + 127) << 23);
-  const float result = p * scale_a * scale_b;
-  return y == y ? result : y;
 }
 
 template <>
@@ -1236,6 +1210,26 @@ bool small_group_kernel(int64_t rows, int64_t k, int64_t n, int64_t max_rows) {
     return false;
 }
 
+// The shapes of a causal attention's q [R, H*Dk], k [R, Hkv*Dk] and v [R, Hkv*Dv] (kernel.hpp).
+cpu::AttentionDims attention_dims(const OpCheck& check, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  int64_t heads, int64_t kv_heads, int64_t seq_len, double scale) {
+  check.rank(q, "q", 2);
+  check.rank(k, "k", 2);
+  check.rank(v, "v", 2);
+  check.require(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0,
+                "{} query heads do not split into groups of {} kv heads", heads, kv_heads);
+  check.require(seq_len >= 1 && q.dim(0) % seq_len == 0, "{} rows are not whole sequences of {}", q.dim(0), seq_len);
+  check.require(q.dim(1) % heads == 0 && q.dim(1) > 0, "q's {} columns do not split into {} heads", q.dim(1), heads);
+  check.require(v.dim(1) % kv_heads == 0 && v.dim(1) > 0, "v's {} columns do not split into {} kv heads", v.dim(1),
+                kv_heads);
+  check.require(std::isfinite(scale), "scale = {} must be finite", scale);
+  const cpu::AttentionDims s{q.dim(0), heads, kv_heads, seq_len, q.dim(1) / heads, v.dim(1) / kv_heads};
+  check.shape(k, "k", {s.rows, kv_heads * s.key_dim});
+  check.shape(v, "v", {s.rows, kv_heads * s.value_dim});
+  check.blas_size(s.rows * heads * std::max(s.key_dim, s.value_dim), "attention operand size");
+  return s;
+}
+
 // --- host memory --------------------------------------------------------------------------------
 
 // Host blocks for the kernel's tensors, kept when freed and handed out again for a request of the
@@ -1885,6 +1879,45 @@ class CpuOps final : public Ops {
   }
 
   // dst [M,N] row i = src [S,N] row index[i]
+  // f32: flash-attention-style tiles on sgemm (attention.hpp); f64 (gradient checks): the
+  // reference loops of the Ops base, which the f32 path is tested against.
+  void causal_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, int64_t kv_heads,
+                        int64_t seq_len, double scale, Tensor& out, Tensor& lse) override {
+    if (!all_f32({&q, &k, &v, &out, &lse}))
+      return Ops::causal_attention(q, k, v, heads, kv_heads, seq_len, scale, out, lse);
+    const OpCheck check("causal_attention", {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+    const cpu::AttentionDims s = attention_dims(check, q, k, v, heads, kv_heads, seq_len, scale);
+    check.shape(out, "out", {s.rows, heads * s.value_dim});
+    check.shape(lse, "lse", {s.rows, heads});
+    cpu::flash_attention_forward(s, static_cast<float>(scale), q.data<float>(), k.data<float>(), v.data<float>(),
+                                 out.data<float>(), lse.data<float>(), for_each_item(s));
+  }
+  void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                 const Tensor& lse, const Tensor& dout, int64_t heads, int64_t kv_heads,
+                                 int64_t seq_len, double scale, Tensor& dq, Tensor& dk, Tensor& dv) override {
+    if (!all_f32({&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}))
+      return Ops::causal_attention_backward(q, k, v, out, lse, dout, heads, kv_heads, seq_len, scale, dq, dk, dv);
+    const OpCheck check("causal_attention_backward", {{"q", &q},
+                                                      {"k", &k},
+                                                      {"v", &v},
+                                                      {"out", &out},
+                                                      {"lse", &lse},
+                                                      {"dout", &dout},
+                                                      {"dq", &dq},
+                                                      {"dk", &dk},
+                                                      {"dv", &dv}});
+    const cpu::AttentionDims s = attention_dims(check, q, k, v, heads, kv_heads, seq_len, scale);
+    check.shape(out, "out", {s.rows, heads * s.value_dim});
+    check.shape(lse, "lse", {s.rows, heads});
+    check.shape(dout, "dout", out.shape());
+    check.shape(dq, "dq", q.shape());
+    check.shape(dk, "dk", k.shape());
+    check.shape(dv, "dv", v.shape());
+    cpu::flash_attention_backward(s, static_cast<float>(scale), q.data<float>(), k.data<float>(), v.data<float>(),
+                                  out.data<float>(), lse.data<float>(), dout.data<float>(), dq.data<float>(),
+                                  dk.data<float>(), dv.data<float>(), for_each_item(s));
+  }
+
   void gather_rows(const Tensor& src, const Tensor& index, Tensor& dst) override {
     const OpCheck check("gather_rows", {{"src", &src}, {"index", &index, Role::index}, {"dst", &dst}});
     check.rank(src, "src", 2);
@@ -1980,6 +2013,26 @@ class CpuOps final : public Ops {
   }
 
  private:
+  // Whether every operand is a defined host f32 tensor (the tiled path); anything else goes to the
+  // reference, which also says what is wrong with it.
+  static bool all_f32(std::initializer_list<const Tensor*> operands) {
+    for (const Tensor* t : operands)
+      if (!t->defined() || t->dtype() != DType::f32 || t->device() != DeviceKind::cpu) return false;
+    return true;
+  }
+  // The attention's items (a sequence and a head) on the kernel's threads, each one's GEMMs
+  // single-threaded (blas_groups), or one after the other when there are too few to share.
+  cpu::ForEachItem for_each_item(const cpu::AttentionDims& s) const {
+    const double flops = 2.0 * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len) *
+                         static_cast<double>(s.key_dim + s.value_dim);
+    return [this, flops](int64_t count, const std::function<void(int64_t)>& body) {
+      std::vector<int64_t> items(static_cast<size_t>(count));
+      std::iota(items.begin(), items.end(), int64_t{0});
+      blas_groups(
+          threads_, items, [flops](int64_t) { return flops; }, body);
+    };
+  }
+
   Tensor allocate(const char* op, DType dtype, const Shape& shape, bool zeroed) {
     int64_t count = 1;
     for (int64_t d : shape) {
