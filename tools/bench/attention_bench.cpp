@@ -32,7 +32,7 @@ int attention_bench(int repeats, const std::string& kernel) {
   PluginRegistry registry = PluginRegistry::with_default_path();
   std::shared_ptr<Ops> ops = default_kernel(registry, kernel);
   const AttentionBenchShape shapes[] = {
-      {"default recipe (GQA 4/2 x 16)", 8, 64, 4, 2, 16, 16},
+      {"default recipe (GQA 4/2 x 16)", 16, 64, 4, 2, 16, 16},
       {"MHA 8 x 64, seq 1024", 2, 1024, 8, 8, 64, 64},
       {"GQA 8/2 x 64, seq 512", 4, 512, 8, 2, 64, 64},
       {"MQA 8/1 x 64, seq 512", 4, 512, 8, 1, 64, 64},

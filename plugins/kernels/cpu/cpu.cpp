@@ -1,6 +1,8 @@
 // The reference kernel: every op of the Ops API on host memory, templated on the scalar type (f32
-// and f64, so that gradient checks run in double). GEMMs go to OpenBLAS; everything else is a
-// plain loop over contiguous rows. Every other kernel is checked against this one, so exactness
+// and f64, so that gradient checks run in double). GEMMs go to OpenBLAS; causal attention in f32
+// runs in flash-attention-style tiles on OpenBLAS (attention.hpp; f64 keeps the Ops base's
+// reference loops, which the tiles are tested against); everything else is a plain loop over
+// contiguous rows. Every other kernel is checked against this one, so exactness
 // comes first: stable formulas, row sums accumulated in double, inputs validated before anything
 // is written.
 #include <cblas.h>
