@@ -1,5 +1,5 @@
-// moelab-bench --attention: the kernel's causal attention, forward and forward + backward, against
-// two references measured in the same rounds (median_seconds):
+// moelab-bench --attention: the kernel's causal attention (and --optimizer, its AdamW step, below), forward and forward
+// + backward, against two references measured in the same rounds (median_seconds):
 //   - a dense GEMM of the same FLOPs through the kernel (m = n = k, 2 m^3 = the attention's
 //     FLOPs), the rate attention as GEMMs can at best approach;
 //   - the previous version: the Ops base's reference loops (what the cpu kernel ran before its
@@ -90,6 +90,35 @@ int attention_bench(int repeats, const std::string& kernel) {
                 s.sequences, s.seq_len, gemm_rate / 1e9, forward_rate / 1e9, forward_rate / gemm_rate, both_rate / 1e9,
                 both_rate / gemm_rate, seconds[3] * 1e3, seconds[2] * 1e3, seconds[3] / seconds[2]);
     std::fflush(stdout);
+  }
+  return 0;
+}
+
+// moelab-bench --optimizer: the kernel's AdamW step against the previous version (the Ops base's
+// scalar loop, called past the kernel's override), on 1M and 4M f32 parameters, same rounds.
+int optimizer_bench(int repeats, const std::string& kernel) {
+  PluginRegistry registry = PluginRegistry::with_default_path();
+  std::shared_ptr<Ops> ops = default_kernel(registry, kernel);
+  std::printf("kernel %s, median of %d rounds (this version, previous version, back to back) after one warm-up\n\n",
+              kernel.c_str(), repeats);
+  std::printf(
+      "| parameters | previous ms | this ms | speed-up | this GB/s (7 x 4 bytes a parameter) "
+      "|\n|---|---|---|---|---|\n");
+  for (const int64_t n : {int64_t{1} << 20, int64_t{1} << 22}) {
+    Rng rng(5);
+    const Tensor grad = random_rows(*ops, n, 1, rng);
+    Tensor param = random_rows(*ops, n, 1, rng), m = ops->zeros(DType::f32, {n, 1}), v = ops->zeros(DType::f32, {n, 1});
+    Ops::AdamW hyper{1e-3, 0.9, 0.95, 1e-8, 0.1, 1};
+    const std::vector<double> seconds = median_seconds(repeats, {[&] {
+                                                                   ops->adamw_update(hyper, grad, param, m, v);
+                                                                   ops->synchronize();
+                                                                 },
+                                                                 [&] {
+                                                                   ops->Ops::adamw_update(hyper, grad, param, m, v);
+                                                                   ops->synchronize();
+                                                                 }});
+    std::printf("| %" PRId64 " | %.2f | %.2f | %.1f | %.1f |\n", n, seconds[1] * 1e3, seconds[0] * 1e3,
+                seconds[1] / seconds[0], 28.0 * static_cast<double>(n) / seconds[0] / 1e9);
   }
   return 0;
 }

@@ -64,6 +64,8 @@ bool parse_shape(const char* text, BenchShape& s);
 // moelab-bench --parallel (parallel_bench.cpp): the MoE layer on the ranks mpirun started.
 // moelab-bench --attention (attention_bench.cpp).
 int attention_bench(int repeats, const std::string& kernel);
+// moelab-bench --optimizer (attention_bench.cpp).
+int optimizer_bench(int repeats, const std::string& kernel);
 int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std::string& kernel);
 
 }  // namespace moelab::bench

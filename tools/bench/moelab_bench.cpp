@@ -5,6 +5,7 @@
 //   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
 //   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
 //   build/bin/moelab-bench --attention            # causal attention (attention_bench.cpp)
+//   build/bin/moelab-bench --optimizer            # the AdamW step (attention_bench.cpp)
 //
 // FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
 // 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).
@@ -76,7 +77,8 @@ int usage(int status) {
   std::fprintf(status == 0 ? stdout : stderr,
                "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n"
                "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n"
-               "       moelab-bench --attention [--repeats N] [--kernel NAME]\n\n"
+               "       moelab-bench --attention [--repeats N] [--kernel NAME]\n"
+               "       moelab-bench --optimizer [--repeats N] [--kernel NAME]\n\n"
                "Times one MoE layer (softmax_topk router, glu experts, dropless) forward and\n"
                "forward+backward against a dense GEMM of the same FLOPs on the same kernel, and\n"
                "prints GFLOP/s and the ratio. Default shapes: 4096,512,1408,8,2  4096,512,352,64,8\n"
@@ -87,7 +89,9 @@ int usage(int status) {
                "4096,512,1408,8,2  4096,512,352,64,8.\n\n"
                "--attention: causal attention in f32 (the default recipe's shape, MHA, GQA, MQA, MLA\n"
                "widths), forward and forward+backward, against a GEMM of the same FLOPs and against\n"
-               "the previous version (the reference loops) in the same rounds.\n");
+               "the previous version (the reference loops) in the same rounds.\n\n"
+               "--optimizer: the AdamW step on 1M and 4M f32 parameters against the previous version\n"
+               "(the scalar reference loop) in the same rounds.\n");
   return status;
 }
 
@@ -97,7 +101,7 @@ int main(int argc, char** argv) {
   std::vector<BenchShape> shapes;
   int repeats = 5;
   std::string kernel = "cpu";
-  bool parallel = false, attention = false;
+  bool parallel = false, attention = false, optimizer = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") return usage(0);
@@ -107,6 +111,10 @@ int main(int argc, char** argv) {
     }
     if (a == "--attention") {
       attention = true;
+      continue;
+    }
+    if (a == "--optimizer") {
+      optimizer = true;
       continue;
     }
     if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
@@ -126,10 +134,19 @@ int main(int argc, char** argv) {
       return usage(2);
     }
   }
-  if (attention && (parallel || !shapes.empty())) {
+  if ((attention || optimizer) && (parallel || !shapes.empty() || (attention && optimizer))) {
     std::fprintf(stderr,
-                 "moelab-bench: error: --attention runs its own shapes; it takes neither --shape nor --parallel\n");
+                 "moelab-bench: error: --attention and --optimizer run their own shapes: each goes alone, without "
+                 "--shape or --parallel\n");
     return 2;
+  }
+  if (optimizer) {
+    try {
+      return optimizer_bench(repeats, kernel);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 1;
+    }
   }
   if (attention) {
     try {
