@@ -62,9 +62,9 @@ std::shared_ptr<Ops> default_kernel(const PluginRegistry& registry, const std::s
 bool parse_shape(const char* text, BenchShape& s);
 
 // moelab-bench --parallel (parallel_bench.cpp): the MoE layer on the ranks mpirun started.
-// moelab-bench --attention (attention_bench.cpp).
+// moelab-bench --attention (op_bench.cpp).
 int attention_bench(int repeats, const std::string& kernel);
-// moelab-bench --optimizer (attention_bench.cpp).
+// moelab-bench --optimizer (op_bench.cpp).
 int optimizer_bench(int repeats, const std::string& kernel);
 int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std::string& kernel);
 

@@ -4,8 +4,8 @@
 //   build/bin/moelab-bench                       # the three CPU shapes, balanced routing
 //   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
 //   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
-//   build/bin/moelab-bench --attention            # causal attention (attention_bench.cpp)
-//   build/bin/moelab-bench --optimizer            # the AdamW step (attention_bench.cpp)
+//   build/bin/moelab-bench --attention            # causal attention (op_bench.cpp)
+//   build/bin/moelab-bench --optimizer            # the AdamW step (op_bench.cpp)
 //
 // FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
 // 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).

@@ -81,8 +81,9 @@ Dispatch plan_dispatch(const std::vector<int32_t>& token, const std::vector<int3
                        const Tensor& probs_host);
 // capacity = ceil(tokens * k / experts * factor) (GShard, Switch).
 int64_t expert_capacity(int64_t tokens, int64_t k, int64_t experts, double factor);
-// Capacity scope local: the assignments of each rank's `tokens_per_rank` tokens are dispatched
-// on their own, against the capacity of that many tokens; the plans put together.
+// Capacity scope local: the assignments of each micro-batch of `tokens_per_rank` consecutive tokens
+// (each rank's share by default, [parallel] micro_batch) are dispatched on their own, against the
+// capacity of that many tokens; the plans put together.
 Dispatch plan_dispatch_per_rank(const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
                                 const std::vector<int32_t>& rank, int64_t num_experts, int64_t capacity,
                                 Overflow overflow, const Tensor& probs_host, int64_t tokens_per_rank);
@@ -174,9 +175,10 @@ class MoeLayer : public Module {
   // The router's plan for x, checked, with the routed load in stats_ (reset here).
   void route(const Tensor& x, const RouterContext& ctx, Saved& saved, std::vector<int32_t>& token,
              std::vector<int32_t>& expert, std::vector<int32_t>& rank);
-  // Capacity, then the figures of stats_ that follow from the dispatch and the probabilities.
+  // Capacity (over micro-batches of `part_tokens` when fewer than the forward's), then the figures
+  // of stats_ that follow from the dispatch and the probabilities.
   Dispatch dispatch(const Saved& saved, const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
-                    const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t tokens_per_rank);
+                    const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t part_tokens);
   void finish_stats(const Dispatch& dispatch, const Tensor& probs_host, int64_t tokens);
   // Tokens per micro-batch of a forward of `tokens` rows in sequences of seq_len (all of them
   // unless a scope is local).

@@ -302,19 +302,17 @@ void MoeLayer::route(const Tensor& x, const RouterContext& ctx, Saved& saved, st
 }
 
 Dispatch MoeLayer::dispatch(const Saved& saved, const std::vector<int32_t>& token, const std::vector<int32_t>& expert,
-                            const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t tokens_per_rank) {
+                            const std::vector<int32_t>& rank, const Tensor& probs_host, int64_t part_tokens) {
   const int64_t tokens = stats_.tokens, experts = spec_.num_experts;
   const RoutingPlan& plan = saved.plan;
   // Expert-choice routers size their own buckets: capacity does not apply to them.
   const bool token_choice = plan.top_k > 0;
   const Overflow overflow = token_choice ? config_.overflow : Overflow::dropless;
   const Tensor& reroute_probs = overflow == Overflow::reroute ? probs_host : Tensor{};
-  if (tokens_per_rank < tokens) {  // capacity scope local: each rank's tokens on their own
-    stats_.capacity = overflow == Overflow::dropless
-                          ? 0
-                          : expert_capacity(tokens_per_rank, plan.top_k, experts, saved.capacity_factor);
-    return plan_dispatch_per_rank(token, expert, rank, experts, stats_.capacity, overflow, reroute_probs,
-                                  tokens_per_rank);
+  if (part_tokens < tokens) {  // capacity scope local: each micro-batch on its own
+    stats_.capacity =
+        overflow == Overflow::dropless ? 0 : expert_capacity(part_tokens, plan.top_k, experts, saved.capacity_factor);
+    return plan_dispatch_per_rank(token, expert, rank, experts, stats_.capacity, overflow, reroute_probs, part_tokens);
   }
   stats_.capacity =
       overflow == Overflow::dropless ? 0 : expert_capacity(tokens, plan.top_k, experts, saved.capacity_factor);
