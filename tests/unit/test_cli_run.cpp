@@ -196,7 +196,7 @@ TEST_CASE("every command answers --help, and usage mistakes exit 2") {
   CHECK(run_moelab("frobnicate").status == 2);
   CHECK(run_moelab("run").status == 2);
   CHECK(run_moelab("run a.toml --no-such-flag").status == 2);
-  CHECK(run_moelab("version").output.find("plugin ABI 6.0") != std::string::npos);
+  CHECK(run_moelab("version").output.find("plugin ABI 7.0") != std::string::npos);
 }
 
 TEST_CASE("run refuses what the trainer cannot train, at the recipe's key, before anything is written") {

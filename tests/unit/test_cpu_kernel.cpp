@@ -194,7 +194,7 @@ TEST_CASE("the cpu kernel loads through the registry with its declared schema") 
   REQUIRE(info != nullptr);
   CHECK(info->version == "1.0.0");
   CHECK(info->description == "reference CPU kernels on OpenBLAS");
-  REQUIRE(info->schema.size() == 2);
+  REQUIRE(info->schema.size() == 3);
   const ParamSpec& threads = info->schema[0];
   CHECK(threads.name == "threads");
   CHECK(threads.type == ParamType::integer);
@@ -205,6 +205,10 @@ TEST_CASE("the cpu kernel loads through the registry with its declared schema") 
   CHECK(cache.name == "cache_mb");
   CHECK(std::get<int64_t>(*cache.default_value) == 2048);
   CHECK(check_param_value(cache, ParamValue{int64_t{-1}}) != "");
+  const ParamSpec& bf16_gemm = info->schema[2];
+  CHECK(bf16_gemm.name == "bf16_gemm");
+  CHECK(std::get<std::string>(*bf16_gemm.default_value) == "auto");
+  CHECK(check_param_value(bf16_gemm, ParamValue{std::string("amx")}) != "");
 
   Ops& ops = cpu_kernel();
   CHECK(ops.name() == "cpu");
@@ -229,7 +233,8 @@ TEST_CASE("memory: empty, zeros, fill and copy on host tensors") {
   for (double v : values_of(e)) CHECK(v == -7.0);
   CHECK(error_of([&] { ops.fill(e, 1.5); }).find("fill") != std::string::npos);
   Tensor bf16 = host_tensor(DType::bf16, {2});
-  CHECK(error_of([&] { ops.fill(bf16, 1.0); }).find("bf16") != std::string::npos);
+  ops.fill(bf16, 1.5);  // exact in bf16
+  for (double v : values_of(bf16)) CHECK(v == 1.5);
 
   // copy needs equal dtype and element count, not equal shape
   Rng rng(1);

@@ -801,6 +801,13 @@ class @CLASS@ final : public Ops {
     checked("adamw_update", m);
     checked("adamw_update", v);
   }
+  void cast(const Tensor& src, Tensor& dst) override {
+    inner_->cast(src, dst);
+    checked("cast", dst);
+  }
+  DType set_matmul_precision(DType precision) override { return inner_->set_matmul_precision(precision); }
+  DType matmul_precision() const override { return inner_->matmul_precision(); }
+  std::string bf16_gemm_path() const override { return inner_->bf16_gemm_path(); }
 
  private:
   static std::shared_ptr<Ops> make_inner(const std::string& inner) {

@@ -112,6 +112,7 @@ struct TrainConfig {
   double weight_decay = 0.0;          // decoupled; never applied to biases and norms
   std::vector<std::string> no_decay;  // parameter groups also exempt: names containing one of these
   double grad_clip = 1.0;             // global norm; 0 disables
+  DType precision = DType::f32;       // the GEMMs' compute precision (Ops::set_matmul_precision): f32 | bf16
   int64_t log_every = 10;
   int64_t eval_every = 50;  // 0 disables (the last step is always evaluated)
   int64_t eval_batches = 4;

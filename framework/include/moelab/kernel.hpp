@@ -5,7 +5,8 @@
 // Conventions for every op:
 //  - Tensors are contiguous row-major and live on this kernel's device; float ops accept f32 and
 //    f64 (the reference CPU kernel is templated on the scalar type so gradient checks run in
-//    double), index tensors are i32.
+//    double), index tensors are i32. The GEMMs also take bf16 operands with an f32 result, and
+//    memory ops and cast take bf16 (see "precision" below).
 //  - Outputs are preallocated by the caller with the shape written beside each op; an op checks
 //    shapes and dtypes and throws RuntimeError naming the op and both shapes on a mismatch.
 //  - `beta`/`accumulate` say explicitly whether an output is overwritten or added to, as
@@ -106,6 +107,23 @@ class Ops {
   // out[i] = x[row[i], col[i]]  and its backward dx[row[i], col[i]] += dout[i].
   virtual void gather_elements(const Tensor& x, const Tensor& row, const Tensor& col, Tensor& out) = 0;
   virtual void scatter_add_elements(const Tensor& dout, const Tensor& row, const Tensor& col, Tensor& dx) = 0;
+
+  // --- precision (optional slots, ABI 7.0) -------------------------------------------------
+  // bf16 (DType::bf16) is a storage dtype: the ops below and the GEMMs take it; every sum, norm,
+  // softmax and loss computes in f32.
+  // dst = src converted between f32, f64 and bf16 (equal numel; to bf16: round to nearest even).
+  virtual void cast(const Tensor& src, Tensor& dst);
+  // The precision f32 GEMMs (gemm, grouped_gemm and its weight gradient) compute in: DType::f32,
+  // or DType::bf16: each operand rounded to bf16 (nearest even), products exact in f32, sums in
+  // f32, an f32 result (cuBLAS's CUBLAS_COMPUTE_32F_FAST_16BF, PyTorch's
+  // set_float32_matmul_precision("medium")). A GEMM whose a or b is a bf16 tensor computes in bf16
+  // whatever this says; f64 GEMMs never change. Returns the previous precision; a kernel without
+  // a bf16 GEMM throws for bf16. Routers keep f32: the MoE layer sets it around them.
+  virtual DType set_matmul_precision(DType precision);
+  virtual DType matmul_precision() const { return DType::f32; }
+  // What a bf16 GEMM runs on, for `moelab version` ("oneDNN 2.6.3 matmul ... AVX-512 BF16"), or
+  // "" where the kernel has none.
+  virtual std::string bf16_gemm_path() const { return ""; }
 
   // --- optional slots ----------------------------------------------------------------------
   // These have a generic implementation (on the host, through to_host/copy) so that a new kernel
@@ -210,6 +228,25 @@ class Ops {
   virtual void cross_entropy(const Tensor& logits, const Tensor& targets, Tensor& loss, Tensor& lse);
   virtual void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, double scale,
                                       Tensor& dlogits);
+};
+
+// Sets the GEMM precision of `ops` for a scope and puts the previous one back: the MoE layer keeps
+// its router in f32 this way (Megatron-Core's moe_router_dtype = "fp32").
+class MatmulPrecisionScope {
+ public:
+  MatmulPrecisionScope(Ops& ops, DType precision) : ops_(ops), previous_(ops.set_matmul_precision(precision)) {}
+  ~MatmulPrecisionScope() {
+    try {
+      ops_.set_matmul_precision(previous_);
+    } catch (...) {  // previous_ was accepted once; a kernel that now refuses it keeps the scope's
+    }
+  }
+  MatmulPrecisionScope(const MatmulPrecisionScope&) = delete;
+  MatmulPrecisionScope& operator=(const MatmulPrecisionScope&) = delete;
+
+ private:
+  Ops& ops_;
+  DType previous_;
 };
 
 }  // namespace moelab

@@ -36,8 +36,9 @@ namespace moelab {
 // 2: transformer ops slots in Ops; 3: the stamp, ParamSpec::min_exclusive; 4: routing-maths slots
 // in Ops (exp, log, divide, column scaling, row sums and maxima, thresholds), and metrics() on
 // Router and Balancer; 5: the fifth kind, comm (communicators, moelab/comm.hpp), and its factory
-// in PluginManifest; 6: Comm::exchange (blocks to and from any ranks, in one step)
-inline constexpr uint32_t kAbiMajor = 6;
+// in PluginManifest; 6: Comm::exchange (blocks to and from any ranks, in one step); 7: the precision
+// slots in Ops (cast, set_matmul_precision, matmul_precision, bf16_gemm_path)
+inline constexpr uint32_t kAbiMajor = 7;
 inline constexpr uint32_t kAbiMinor = 0;
 
 enum class PluginKind : uint32_t { router = 1, experts = 2, balancer = 3, kernel = 4, comm = 5 };

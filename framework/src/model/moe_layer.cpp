@@ -275,7 +275,10 @@ RouterContext MoeLayer::context(Rng& step_rng, bool training, int64_t step, int6
 void MoeLayer::route(const Tensor& x, const RouterContext& ctx, Saved& saved, std::vector<int32_t>& token,
                      std::vector<int32_t>& expert, std::vector<int32_t>& rank) {
   const int64_t tokens = x.dim(0), experts = spec_.num_experts;
-  saved.plan = in_plugin(router_tag_, "forward", [&] { return router_->forward(x, ctx); });
+  saved.plan = in_plugin(router_tag_, "forward", [&] {
+    const MatmulPrecisionScope f32_router(ops_, DType::f32);  // router logits in f32
+    return router_->forward(x, ctx);
+  });
   RoutingPlan& plan = saved.plan;
   expect_shape(plan.logits, {tokens, experts}, "router logits");
   expect_shape(plan.probs, {tokens, experts}, "router probabilities");
@@ -520,7 +523,10 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   Rng step_rng = rng_.fork(2 + 2 * static_cast<uint64_t>(s.step) + (s.training ? 1 : 0));
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
   balancers_backward(s, ctx, grad);
-  in_plugin(router_tag_, "backward", [&] { router_->backward(s.x, s.plan, grad, ctx, dx); });
+  in_plugin(router_tag_, "backward", [&] {
+    const MatmulPrecisionScope f32_router(ops_, DType::f32);
+    router_->backward(s.x, s.plan, grad, ctx, dx);
+  });
   laps.charge(&ExchangeProfile::route_seconds);
   return dx;
 }

@@ -323,7 +323,10 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
   balancers_backward(s, ctx, grad);
   Tensor dx_global = ops_.zeros(s.x.dtype(), {s.x_global.dim(0), d});
-  in_plugin(router_tag_, "backward", [&] { router_->backward(s.x_global, s.plan, grad, ctx, dx_global); });
+  in_plugin(router_tag_, "backward", [&] {
+    const MatmulPrecisionScope f32_router(ops_, DType::f32);
+    router_->backward(s.x_global, s.plan, grad, ctx, dx_global);
+  });
   ops_.axpy(1.0, dx_global.rows(offset, offset + local_tokens), dx);
   laps.charge(&ExchangeProfile::route_seconds);
   return dx;

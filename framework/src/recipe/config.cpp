@@ -222,6 +222,9 @@ std::vector<SectionSchema> core_schema() {
                           "parameter groups exempt from weight decay besides biases and norms: names containing "
                           "one of these (\"embed\", \"head\", \"router\", ...)"),
         param_float("grad_clip", 1.0, "global gradient norm clip; 0 disables").at_least(0),
+        param_choice("precision", "f32", {"f32", "bf16"},
+                     "what the model's GEMMs compute in: f32, or bf16 (operands rounded to bf16, products and "
+                     "sums in f32; weights, optimiser state and everything else stay f32; routers stay f32)"),
         param_int("log_every", 10, "steps between metric lines").range(1, kMaxSteps),
         param_int("eval_every", 50, "steps between evaluations; 0: only after the last step").range(0, kMaxSteps),
         param_int("eval_batches", 4, "batches per evaluation").range(1, kMaxEvalBatches),
@@ -910,6 +913,10 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
     read_value(values, "no_decay", t.no_decay);
     read_value(values, "weight_decay", t.weight_decay);
     read_value(values, "grad_clip", t.grad_clip);
+    if (values.has("precision")) t.precision = values.get_string("precision") == "bf16" ? DType::bf16 : DType::f32;
+    if (t.precision == DType::bf16 && config.model.dtype == DType::f64)
+      check.error("train.precision", "bf16 GEMMs are for f32 models; model.dtype is f64",
+                  "remove train.precision, or set model.dtype = \"f32\"");
     read_value(values, "log_every", t.log_every);
     read_value(values, "eval_every", t.eval_every);
     read_value(values, "eval_batches", t.eval_batches);

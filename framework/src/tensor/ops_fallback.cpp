@@ -800,4 +800,24 @@ void Ops::cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
   store(*this, hd, dlogits);
 }
 
+// --- precision ---------------------------------------------------------------------------------
+
+void Ops::cast(const Tensor& src, Tensor& dst) {
+  const auto is_float = [](DType dtype) { return dtype == DType::f32 || dtype == DType::f64 || dtype == DType::bf16; };
+  if (!is_float(src.dtype()) || !is_float(dst.dtype()) || src.numel() != dst.numel())
+    throw RuntimeError(fmt::format("cast: expected f32, f64 or bf16 tensors of equal size, got {} and {}",
+                                   src.describe(), dst.describe()));
+  Tensor hs = to_host(src);
+  Tensor hd = host_tensor(dst.dtype(), dst.shape());
+  for (int64_t i = 0; i < hs.numel(); ++i) set_host_value(hd, i, host_value(hs, i));
+  copy(hd, dst);
+}
+
+DType Ops::set_matmul_precision(DType precision) {
+  if (precision != DType::f32)
+    throw RuntimeError(
+        fmt::format("kernel '{}' computes f32 GEMMs in f32 only; it has no {} GEMM", name(), dtype_name(precision)));
+  return DType::f32;
+}
+
 }  // namespace moelab

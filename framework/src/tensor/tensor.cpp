@@ -169,7 +169,10 @@ void set_host_value(Tensor& t, int64_t i, double v) {
       const float f = static_cast<float>(v);
       uint32_t bits;
       std::memcpy(&bits, &f, 4);
-      bits += 0x7fff + ((bits >> 16) & 1);  // round to nearest even
+      if ((bits & 0x7fffffffu) > 0x7f800000u)
+        bits |= 0x400000u;  // a NaN stays a (quiet) NaN
+      else
+        bits += 0x7fff + ((bits >> 16) & 1);  // round to nearest even
       const uint16_t high = static_cast<uint16_t>(bits >> 16);
       std::memcpy(static_cast<char*>(t.raw()) + 2 * i, &high, 2);
       return;

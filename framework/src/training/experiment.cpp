@@ -183,6 +183,7 @@ RunResult run_experiment(const RunConfig& config, const std::string& resolved_re
   write_text(run_dir / "recipe.toml", resolved_recipe);
   write_plugin_provenance(run_dir, config, registry);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
+  ops->set_matmul_precision(config.train.precision);  // train.precision: the GEMMs in f32 or bf16
   Rng root(config.seed);
   MoeLayer layer(config.moe, config.layer, registry, *ops, root, single_process(),
                  config.parallel.scopes(config.train.batch_size, 1));

@@ -91,6 +91,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
       make_token_data(config.data, config.model.vocab_size, train.seq_len + 1,
                       config.data.seed >= 0 ? static_cast<uint64_t>(config.data.seed) : config.seed);
   std::shared_ptr<Ops> ops = registry.make_kernel(config.kernel.type, config.kernel.params);
+  ops->set_matmul_precision(config.train.precision);  // train.precision: the GEMMs in f32 or bf16
   Rng root(config.seed);
   Transformer model(config, registry, *ops, root, parallel);
   NamedParameters params = model.named_parameters();

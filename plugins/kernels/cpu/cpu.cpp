@@ -28,25 +28,26 @@
 #include <system_error>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention.hpp"
+#include "bf16_gemm.hpp"
 #include "exp_f32.hpp"
 #include "moelab/plugin.hpp"
+#include "threads.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #endif
 
-// OpenBLAS's pthreads server runs function(args + i * stride) for i < threads on its own workers
-// (the caller taking i = 0). Exported by OpenBLAS but declared in no public header; weak, so that
-// the kernel loads, and falls back to plain threads, where it is missing.
-extern "C" int gotoblas_pthread(int threads, void* function, void* args, int stride) __attribute__((weak));
-
 namespace moelab {
 namespace {
 
+using cpu::blas_groups;
 using cpu::exp_nonpositive;
+using cpu::parallel_chunks;
+using cpu::run_shares;
 
 // --- operand checks ---------------------------------------------------------------------------
 
@@ -88,7 +89,11 @@ class OpCheck {
         have_scalar = true;
         first_scalar = &o;
         dtype_ = t.dtype();
-        if (dtype_ == DType::bf16) fail("dtype bf16 is not supported (the cpu kernel computes in f32 and f64)");
+        if (dtype_ == DType::bf16)
+          fail(
+              fmt::format("{} is bf16, which this op does not take (it computes in f32 and f64; bf16 goes to cast, "
+                          "the memory ops and the GEMMs' inputs)",
+                          o.name));
         if (dtype_ != DType::f32 && dtype_ != DType::f64)
           fail(fmt::format("{} has dtype {}, expected f32 or f64", o.name, dtype_name(dtype_)));
       } else if (t.dtype() != dtype_) {
@@ -331,66 +336,6 @@ void run_vectorised(Args... args) {
   }
 #endif
   Loop::run(args...);
-}
-
-// Below this many elements of work per thread, starting a thread (~20-50 us) costs more than it
-// saves.
-constexpr int64_t kMinElementsPerThread = int64_t{1} << 17;
-
-// Calls share(i) for i < count, each on its own thread, share(0) on the calling one, and rethrows
-// the first exception one of them threw. OpenBLAS's workers busy-wait (sched_yield) for up to
-// ~0.1 s after each threaded GEMM before they sleep, so threads of our own started after one share
-// the cores with a spinning worker: ~25% slower on 2 cores, measured. Where OpenBLAS is a pthreads
-// build with workers enough, the shares run on those workers instead (gotoblas_pthread); on plain
-// threads otherwise.
-template <class Share>
-void run_shares(int count, const Share& share, int openblas_workers = openblas_get_num_threads()) {
-  struct Call {
-    const Share* share;
-    int index;
-    std::exception_ptr error;
-    static void run(void* self) {
-      auto& call = *static_cast<Call*>(self);
-      try {
-        (*call.share)(call.index);
-      } catch (...) {
-        call.error = std::current_exception();
-      }
-    }
-  };
-  std::vector<Call> calls;
-  for (int i = 0; i < count; ++i) calls.push_back({&share, i, nullptr});
-  if (count > 1 && gotoblas_pthread != nullptr && count <= openblas_workers) {
-    gotoblas_pthread(count, reinterpret_cast<void*>(&Call::run), calls.data(), static_cast<int>(sizeof(Call)));
-  } else {
-    std::vector<std::thread> workers;
-    workers.reserve(calls.size());
-    size_t next = 1;
-    try {
-      for (; next < calls.size(); ++next) workers.emplace_back(&Call::run, &calls[next]);
-    } catch (const std::system_error&) {  // no thread to be had: the caller does the rest
-      for (size_t i = next; i < calls.size(); ++i) Call::run(&calls[i]);
-    }
-    if (!calls.empty()) Call::run(&calls[0]);
-    for (std::thread& worker : workers) worker.join();
-  }
-  for (const Call& call : calls)
-    if (call.error) std::rethrow_exception(call.error);
-}
-
-// Calls body(begin, end) on contiguous chunks that cover [0, count), on up to `threads` threads
-// (the caller runs the first chunk), when count * elements_per_item is worth it. Every item is
-// handled by exactly one call, with the same arithmetic as a serial loop, so results do not depend
-// on the thread count. The chunks run on OpenBLAS's own workers (run_shares) rather than on an
-// OpenMP pool or threads of our own: either would spin or be started beside OpenBLAS's workers,
-// which busy-wait for a while after each GEMM.
-template <class Body>
-void parallel_chunks(int threads, int64_t count, int64_t elements_per_item, const Body& body) {
-  const int64_t work = count * std::max<int64_t>(elements_per_item, 1);
-  const int64_t chunks = std::min<int64_t>({static_cast<int64_t>(threads), work / kMinElementsPerThread, count});
-  if (chunks <= 1) return body(int64_t{0}, count);
-  const auto bound = [&](int64_t chunk) { return count * chunk / chunks; };
-  run_shares(static_cast<int>(chunks), [&](int chunk) { body(bound(chunk), bound(chunk + 1)); });
 }
 
 // h [R, F] = act(gate) * up over rows [begin, end) of gate_up [R, 2F] = [gate | up].
@@ -1181,48 +1126,6 @@ void small_grouped_weight_grad(int threads, const float* x, const float* dy, boo
 }
 #endif  // MOELAB_CPU_MULTIVERSION
 
-// Calls call(g) for every listed group: one OpenBLAS GEMM each, on OpenBLAS's threads. With groups
-// enough (kMinGroupsPerThread a thread), they run side by side, one single-threaded GEMM per
-// worker, rather than one after the other on every worker: each GEMM then needs no fork and join of its own, and its
-// threads no share of one group's rows. Measured with 64 groups of 512 rows (d = 512, F = 352):
-// 272 GFLOP/s against 244 one after the other, and 258 for the dense GEMM of the same FLOPs; no
-// change at 8 groups of 1024 rows. OpenBLAS's thread count is process-wide: it is set to 1 for the
-// duration (another thread's GEMM in that window runs single-threaded) and put back. Nothing may
-// raise it meanwhile: a threaded GEMM started on one of OpenBLAS's workers would wait on itself.
-template <class Price, class Call>
-void blas_groups(int threads, const std::vector<int64_t>& groups, const Price& flops_of, const Call& call) {
-  // At least 8 groups a thread, or the threads' shares cannot be balanced (8 groups of about 1024
-  // rows on 2 threads ran ~15% slower side by side than one after the other).
-  constexpr int64_t kMinGroupsPerThread = 8;
-  const int workers = openblas_get_num_threads();
-  const int64_t runs = std::min<int64_t>({threads, workers, static_cast<int64_t>(groups.size()) / kMinGroupsPerThread});
-  if (runs <= 1 || gotoblas_pthread == nullptr) {
-    for (const int64_t g : groups) call(g);
-    return;
-  }
-  std::vector<double> cumulative{0.0};
-  for (const int64_t g : groups) cumulative.push_back(cumulative.back() + flops_of(g));
-  std::vector<size_t> starts{0};
-  for (int64_t r = 1; r < runs; ++r)
-    starts.push_back(static_cast<size_t>(
-        std::lower_bound(cumulative.begin(), cumulative.end(), cumulative.back() * static_cast<double>(r) / runs) -
-        cumulative.begin()));
-  starts.push_back(groups.size());
-  openblas_set_num_threads(1);
-  try {
-    run_shares(
-        static_cast<int>(runs),
-        [&](int r) {
-          for (size_t i = starts[r]; i < starts[r + 1]; ++i) call(groups[i]);
-        },
-        workers);
-  } catch (...) {
-    openblas_set_num_threads(workers);
-    throw;
-  }
-  openblas_set_num_threads(workers);
-}
-
 // Whether a group of `rows` rows of a grouped GEMM in T with inner size k and output size n goes
 // to the AVX-512 small-group kernels rather than OpenBLAS.
 template <class T>
@@ -1341,12 +1244,16 @@ class CpuOps final : public Ops {
                 .range(0, 1024),
             param_int("cache_mb", 2048,
                       "freed host blocks of 1 MiB and more kept for reuse, in MiB at most; 0 returns them at once")
-                .range(0, 1 << 20)};
+                .range(0, 1 << 20),
+            param_choice("bf16_gemm", "auto", {"auto", "widen"},
+                         "bf16 GEMMs: auto runs oneDNN where it is built in and fast on this CPU; widen always "
+                         "widens the operands to f32 for OpenBLAS (the same maths, slower)")};
   }
 
   explicit CpuOps(const ParamSet& params)
       : blocks_(std::make_shared<HostBlockCache>(static_cast<size_t>(params.get_int("cache_mb")) << 20)),
-        threads_(loop_threads(params.get_int("threads"))) {
+        threads_(loop_threads(params.get_int("threads"))),
+        bf16_(params.get_string("bf16_gemm") == "auto") {
     const int64_t threads = params.get_int("threads");
     // Sets OpenBLAS's process-wide thread count: every cpu kernel in the process shares it.
     if (threads > 0) openblas_set_num_threads(static_cast<int>(threads));
@@ -1380,9 +1287,9 @@ class CpuOps final : public Ops {
         std::fill_n(dst.data<uint8_t>(), size, integer_fill<uint8_t>(check, value));
         return;
       case DType::bf16:
-        break;
+        std::fill_n(static_cast<uint16_t*>(dst.raw()), size, cpu::bf16_from_f32(static_cast<float>(value)));
+        return;
     }
-    check.fail("dtype bf16 is not supported (the cpu kernel computes in f32 and f64)");
   }
 
   void copy(const Tensor& src, Tensor& dst) override {
@@ -1397,7 +1304,8 @@ class CpuOps final : public Ops {
 
   void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b, double beta,
             Tensor& c) override {
-    const OpCheck check("gemm", {{"a", &a}, {"b", &b}, {"c", &c}});
+    const OpCheck check("gemm", {{"c", &c}, {"a", &a, Role::any}, {"b", &b, Role::any}});
+    const bool bf16 = bf16_compute(check, {{"a", &a}, {"b", &b}});
     check.rank(a, "a", 2);
     check.rank(b, "b", 2);
     check.rank(c, "c", 2);
@@ -1410,6 +1318,13 @@ class CpuOps final : public Ops {
     check.blas_size(m, "M");
     check.blas_size(n, "N");
     check.blas_size(k, "K");
+    if (bf16) {
+      const uint16_t* pa = bf16_operand(a, 0);
+      const uint16_t* pb = bf16_operand(b, 1);
+      bf16_.run(threads_, {{trans_a, trans_b, m, n, k, static_cast<float>(alpha), pa, a.dim(1), pb, b.dim(1),
+                            static_cast<float>(beta), c.data<float>(), n}});
+      return;
+    }
     with_scalar(check.dtype(), [&]<class T>() {
       gemm_rows<T>(trans_a, trans_b, m, n, k, T(alpha), a.data<T>(), b.data<T>(), T(beta), c.data<T>());
     });
@@ -1417,7 +1332,8 @@ class CpuOps final : public Ops {
 
   void grouped_gemm(const Tensor& x, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets, double alpha,
                     double beta, Tensor& y) override {
-    const OpCheck check("grouped_gemm", {{"x", &x}, {"w", &w}, {"y", &y}});
+    const OpCheck check("grouped_gemm", {{"y", &y}, {"x", &x, Role::any}, {"w", &w, Role::any}});
+    const bool bf16 = bf16_compute(check, {{"x", &x}, {"w", &w}});
     check.rank(x, "x", 2);
     check.rank(w, "w", 3);
     const int64_t rows = x.dim(0), k = x.dim(1), groups = w.dim(0);
@@ -1428,6 +1344,20 @@ class CpuOps final : public Ops {
     check.blas_size(rows, "rows");
     check.blas_size(n, "N");
     check.blas_size(k, "K");
+    if (bf16) {
+      const uint16_t* px = bf16_operand(x, 0);
+      const uint16_t* pw = bf16_operand(w, 1);
+      float* py = y.data<float>();
+      std::vector<cpu::Bf16GemmCall> calls;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+        if (count == 0) continue;  // a group without rows owns no rows of y
+        calls.push_back({false, trans_w, count, n, k, static_cast<float>(alpha), px + begin * k, k, pw + g * k * n,
+                         trans_w ? k : n, static_cast<float>(beta), py + begin * n, n});
+      }
+      bf16_.run(threads_, calls);
+      return;
+    }
     with_scalar(check.dtype(), [&]<class T>() {
       const T* px = x.data<T>();
       const T* pw = w.data<T>();
@@ -1458,7 +1388,8 @@ class CpuOps final : public Ops {
 
   void grouped_gemm_weight_grad(const Tensor& x, const Tensor& dy, bool trans_w, const std::vector<int64_t>& offsets,
                                 bool accumulate, Tensor& dw) override {
-    const OpCheck check("grouped_gemm_weight_grad", {{"x", &x}, {"dy", &dy}, {"dw", &dw}});
+    const OpCheck check("grouped_gemm_weight_grad", {{"dw", &dw}, {"x", &x, Role::any}, {"dy", &dy, Role::any}});
+    const bool bf16 = bf16_compute(check, {{"x", &x}, {"dy", &dy}});
     check.rank(x, "x", 2);
     check.rank(dy, "dy", 2);
     check.rank(dw, "dw", 3);
@@ -1469,6 +1400,25 @@ class CpuOps final : public Ops {
     check.blas_size(rows, "rows");
     check.blas_size(n, "N");
     check.blas_size(k, "K");
+    if (bf16) {
+      const uint16_t* px = bf16_operand(x, 0);
+      const uint16_t* pdy = bf16_operand(dy, 1);
+      float* pdw = dw.data<float>();
+      const float beta = accumulate ? 1.0f : 0.0f;
+      std::vector<cpu::Bf16GemmCall> calls;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], count = offsets[g + 1] - begin;
+        // count = 0 is an empty sum: dw[g] is kept when accumulating, zeroed otherwise.
+        if (trans_w)  // dw[g] [N,K] = dy_g^T x_g
+          calls.push_back(
+              {true, false, n, k, count, 1.0f, pdy + begin * n, n, px + begin * k, k, beta, pdw + g * n * k, k});
+        else  // dw[g] [K,N] = x_g^T dy_g
+          calls.push_back(
+              {true, false, k, n, count, 1.0f, px + begin * k, k, pdy + begin * n, n, beta, pdw + g * k * n, n});
+      }
+      bf16_.run(threads_, calls);
+      return;
+    }
     with_scalar(check.dtype(), [&]<class T>() {
       const T* px = x.data<T>();
       const T* pdy = dy.data<T>();
@@ -1498,6 +1448,40 @@ class CpuOps final : public Ops {
           small_grouped_weight_grad(threads_, px, pdy, trans_w, offsets, small_groups, k, n, accumulate, pdw);
 #endif
     });
+  }
+
+  // --- precision --------------------------------------------------------------------------
+
+  void cast(const Tensor& src, Tensor& dst) override {
+    const OpCheck check("cast", {{"src", &src, Role::any}, {"dst", &dst, Role::any}});
+    check.require(src.numel() == dst.numel(), "element counts differ: {} vs {}", src.numel(), dst.numel());
+    const int64_t size = src.numel();
+    if (src.dtype() == DType::f32 && dst.dtype() == DType::bf16) {
+      const float* from = src.data<float>();
+      auto* to = static_cast<uint16_t*>(dst.raw());
+      parallel_chunks(threads_, size, 1, [&](int64_t b, int64_t e) { cpu::round_to_bf16(from + b, to + b, e - b); });
+    } else if (src.dtype() == DType::bf16 && dst.dtype() == DType::f32) {
+      const auto* from = static_cast<const uint16_t*>(src.raw());
+      float* to = dst.data<float>();
+      parallel_chunks(threads_, size, 1, [&](int64_t b, int64_t e) { cpu::widen_bf16(from + b, to + b, e - b); });
+    } else if (src.dtype() == dst.dtype()) {
+      copy(src, dst);
+    } else {
+      Ops::cast(src, dst);  // f64 to or from a narrower dtype: rare, on the host loop
+    }
+  }
+
+  DType set_matmul_precision(DType precision) override {
+    if (precision != DType::f32 && precision != DType::bf16)
+      throw RuntimeError(fmt::format("cpu kernel: set_matmul_precision: {} is not a GEMM precision (f32 or bf16)",
+                                     dtype_name(precision)));
+    return std::exchange(matmul_precision_, precision);
+  }
+  DType matmul_precision() const override {
+    return matmul_precision_;
+  }
+  std::string bf16_gemm_path() const override {
+    return bf16_.description();
   }
 
   // --- elementwise and row-wise -----------------------------------------------------------
@@ -2051,6 +2035,33 @@ class CpuOps final : public Ops {
     };
   }
 
+  // Whether a GEMM with output check.dtype() computes in bf16, after checking the dtypes of its
+  // inputs: f64 with an f64 output; f32 or bf16, each, with an f32 output.
+  bool bf16_compute(const OpCheck& check, std::initializer_list<std::pair<const char*, const Tensor*>> inputs) const {
+    const DType out = check.dtype();
+    bool any_bf16 = false;
+    for (const auto& [name, tensor] : inputs) {
+      const DType dtype = tensor->dtype();
+      check.require(dtype == out || (out == DType::f32 && dtype == DType::bf16),
+                    "{} has dtype {}; with a {} output the inputs are {}", name, dtype_name(dtype), dtype_name(out),
+                    out == DType::f32 ? "f32 or bf16" : "f64");
+      any_bf16 = any_bf16 || dtype == DType::bf16;
+    }
+    return any_bf16 || (out == DType::f32 && matmul_precision_ == DType::bf16);
+  }
+
+  // A bf16 view of a GEMM operand: its own storage, or a copy rounded into scratch `slot`.
+  const uint16_t* bf16_operand(const Tensor& t, int slot) {
+    if (t.dtype() == DType::bf16) return static_cast<const uint16_t*>(t.raw());
+    std::vector<uint16_t>& scratch = bf16_scratch_[slot];
+    const int64_t size = t.numel();
+    if (scratch.size() < static_cast<size_t>(size)) scratch.resize(static_cast<size_t>(size));
+    const float* from = t.data<float>();
+    uint16_t* to = scratch.data();
+    parallel_chunks(threads_, size, 1, [&](int64_t b, int64_t e) { cpu::round_to_bf16(from + b, to + b, e - b); });
+    return to;
+  }
+
   Tensor allocate(const char* op, DType dtype, const Shape& shape, bool zeroed) {
     int64_t count = 1;
     for (int64_t d : shape) {
@@ -2113,6 +2124,9 @@ class CpuOps final : public Ops {
 
   std::shared_ptr<HostBlockCache> blocks_;
   int threads_ = 1;
+  cpu::Bf16Gemm bf16_;
+  DType matmul_precision_ = DType::f32;
+  std::vector<uint16_t> bf16_scratch_[3];  // rounded copies of f32 GEMM operands, reused
 };
 
 }  // namespace
