@@ -283,6 +283,16 @@ TEST_CASE("moelab inspect and check: a [parallel] layout, per rank") {
   CHECK(unused_micro.output.find("capacity and balance are both \"global\": it would change nothing") !=
         std::string::npos);
   CHECK(run("check " + recipe + " --set parallel.capacity=local --set parallel.micro_batch=4").status == 0);
+  // bf16 GEMMs are for f32 models; an unknown precision names the choices.
+  CHECK(run("check " + recipe + " --set 'train.precision=\"bf16\"'").status == 0);
+  const Result f64_bf16 = run("check " + recipe + " --set 'train.precision=\"bf16\"' --set 'model.dtype=\"f64\"'");
+  CAPTURE(f64_bf16.output);
+  CHECK(f64_bf16.status == 2);
+  CHECK(f64_bf16.output.find("train.precision: bf16 GEMMs are for f32 models; model.dtype is f64") !=
+        std::string::npos);
+  const Result fp16 = run("check " + recipe + " --set 'train.precision=\"fp16\"'");
+  CHECK(fp16.status == 2);
+  CHECK(fp16.output.find("bf16") != std::string::npos);
   // The memory check adds up the ranks sharing this machine.
   const Result crowded = run("check " + recipe + " --set parallel.expert=2 --nproc 16 --memory-gib 0.01");
   CAPTURE(crowded.output);

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <map>
 
 #include "moelab/config.hpp"
 #include "moelab/model_shape.hpp"
@@ -237,4 +238,51 @@ TEST_CASE("multi-token prediction: module k scores token i+k+1, and its loss doe
   CHECK(a.mtp_loss() == 0);
   CHECK(m.mtp_loss() > 0);
   CHECK(std::abs(m.mtp_loss() - std::log(13.0)) < 1.5);
+}
+
+TEST_CASE("the transformer with bf16 GEMMs against f32: loss and every gradient within bf16 bounds") {
+  // Each GEMM operand rounded to bf16 is off by up to u = 2^-8 relative, so a product by 2u and a
+  // forward of a few GEMMs by about 4-10 u (~2-4%) relative to the magnitudes; the differences of
+  // the whole loss (~log 13) and of each parameter's gradient (as a vector) stay far smaller than
+  // that, and far from 0: the rounding must show (bf16 ran) without changing what is learned.
+  const RunConfig config = config_of(recipe_text("attention = \"gqa\"\nn_kv_heads = 1\nnorm = \"rmsnorm\"\n", "f32"));
+  Rng data_rng(3);
+  const Batch b = random_batch(4, 9, config.model.vocab_size, data_rng);
+  struct Result {
+    double loss;
+    std::map<std::string, std::vector<double>> grads;
+  };
+  const auto run = [&](DType precision) {
+    const std::shared_ptr<Ops> ops = load_kernel("cpu");
+    ops->set_matmul_precision(precision);
+    Rng rng(9);
+    Transformer model(config, registry(), *ops, rng);
+    std::vector<Parameter*> gemm_params;
+    for (auto& [name, p] : model.named_parameters())
+      if (name.find("router") == std::string::npos) gemm_params.push_back(p);
+    make_gemm_copies(*ops, gemm_params, precision);
+    CHECK((precision == DType::bf16) == gemm_params[0]->gemm_copy.defined());
+    zero_grads(*ops, model);
+    Result result{total_loss(model, b), {}};
+    model.backward();
+    for (auto& [name, p] : model.named_parameters()) result.grads[name] = values_of(p->grad);
+    return result;
+  };
+  const Result f32 = run(DType::f32), bf16 = run(DType::bf16);
+  const double loss_difference = std::abs(bf16.loss - f32.loss) / f32.loss;
+  CAPTURE(loss_difference);
+  CHECK(loss_difference > 0);
+  CHECK(loss_difference < 4.0 / 256);
+  for (const auto& [name, g] : f32.grads) {
+    const std::vector<double>& h = bf16.grads.at(name);
+    double difference = 0, norm = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      difference += (h[i] - g[i]) * (h[i] - g[i]);
+      norm += g[i] * g[i];
+    }
+    CAPTURE(name);
+    const double relative = std::sqrt(difference / std::max(norm, 1e-30));
+    CAPTURE(relative);
+    CHECK(relative < 10.0 / 256);
+  }
 }

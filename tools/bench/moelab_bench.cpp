@@ -3,6 +3,7 @@
 //
 //   build/bin/moelab-bench                       # the three CPU shapes, balanced routing
 //   build/bin/moelab-bench --shape 4096,512,1408,8,2 --repeats 7
+//   build/bin/moelab-bench --precision bf16      # every GEMM, the dense reference's too, in bf16
 //   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
 //   build/bin/moelab-bench --attention            # causal attention (op_bench.cpp)
 //   build/bin/moelab-bench --optimizer            # the AdamW step (op_bench.cpp)
@@ -75,7 +76,7 @@ using namespace moelab::bench;
 
 int usage(int status) {
   std::fprintf(status == 0 ? stdout : stderr,
-               "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME]\n"
+               "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME] [--precision f32|bf16]\n"
                "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n"
                "       moelab-bench --attention [--repeats N] [--kernel NAME]\n"
                "       moelab-bench --optimizer [--repeats N] [--kernel NAME]\n\n"
@@ -91,7 +92,9 @@ int usage(int status) {
                "widths), forward and forward+backward, against a GEMM of the same FLOPs and against\n"
                "the previous version (the reference loops) in the same rounds.\n\n"
                "--optimizer: the AdamW step on 1M and 4M f32 parameters against the previous version\n"
-               "(the scalar reference loop) in the same rounds.\n");
+               "(the scalar reference loop) in the same rounds.\n"
+               "--precision bf16: every GEMM of the layer but the router's, and the dense reference's, computes\n"
+               "in bf16 (operands rounded, f32 sums: Ops::set_matmul_precision); f32 by default.\n");
   return status;
 }
 
@@ -101,6 +104,7 @@ int main(int argc, char** argv) {
   std::vector<BenchShape> shapes;
   int repeats = 5;
   std::string kernel = "cpu";
+  DType precision = DType::f32;
   bool parallel = false, attention = false, optimizer = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -117,7 +121,7 @@ int main(int argc, char** argv) {
       optimizer = true;
       continue;
     }
-    if ((a == "--shape" || a == "--repeats" || a == "--kernel") && i + 1 >= argc) return usage(2);
+    if ((a == "--shape" || a == "--repeats" || a == "--kernel" || a == "--precision") && i + 1 >= argc) return usage(2);
     if (a == "--shape") {
       BenchShape s{};
       if (!parse_shape(argv[++i], s)) {
@@ -129,6 +133,13 @@ int main(int argc, char** argv) {
       repeats = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--kernel") {
       kernel = argv[++i];
+    } else if (a == "--precision") {
+      const std::string value = argv[++i];
+      if (value != "f32" && value != "bf16") {
+        std::fprintf(stderr, "moelab-bench: error: --precision is f32 or bf16, got '%s'\n", value.c_str());
+        return 2;
+      }
+      precision = value == "bf16" ? DType::bf16 : DType::f32;
     } else {
       std::fprintf(stderr, "moelab-bench: error: unknown argument '%s'\n", a.c_str());
       return usage(2);
@@ -173,11 +184,13 @@ int main(int argc, char** argv) {
   try {
     PluginRegistry registry = PluginRegistry::with_default_path();
     std::shared_ptr<Ops> ops = default_kernel(registry, kernel);
+    ops->set_matmul_precision(precision);  // the router's GEMM stays f32 (the layer's own scope)
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
     std::printf(
-        "kernel %s, OPENBLAS_CORETYPE=%s, median of %d rounds (dense, forward, forward+backward "
+        "kernel %s, OPENBLAS_CORETYPE=%s, GEMMs in %s%s, median of %d rounds (dense, forward, forward+backward "
         "back to back) after one warm-up\n\n",
-        kernel.c_str(), coretype ? coretype : "(unset)", repeats);
+        kernel.c_str(), coretype ? coretype : "(unset)", dtype_name(precision),
+        precision == DType::bf16 ? fmt::format(" ({})", ops->bf16_gemm_path()).c_str() : "", repeats);
     std::printf("| T | d | F | E | k | dense GFLOP/s | fwd GFLOP/s | fwd/dense | fwd+bwd GFLOP/s | fwd+bwd/dense |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     for (const BenchShape& s : shapes) {
@@ -185,6 +198,11 @@ int main(int argc, char** argv) {
       MoeLayer layer(layer_config(registry, s, s.experts), layer_spec(s, s.experts), registry, *ops, rng);
       const Tensor x = random_rows(*ops, s.tokens, s.d_model, rng);
       const Tensor dy = random_rows(*ops, s.tokens, s.d_model, rng);
+      // bf16: the experts' weights rounded once per step, as the trainer does (timed with forward+backward)
+      std::vector<Parameter*> gemm_params;
+      for (auto& [name, p] : layer.named_parameters())
+        if (name.find("router") == std::string::npos) gemm_params.push_back(p);
+      make_gemm_copies(*ops, gemm_params, precision);
 
       const double expert_flops = static_cast<double>(s.tokens * s.top_k) * layer.experts().flops_per_routed_token();
       const double router_flops = 2.0 * static_cast<double>(s.tokens * s.d_model * s.experts);
@@ -214,6 +232,7 @@ int main(int argc, char** argv) {
                                                                      ops->synchronize();
                                                                    },
                                                                    [&] {
+                                                                     refresh_gemm_copies(*ops, gemm_params);
                                                                      layer.forward(x, input);
                                                                      layer.backward(dy);
                                                                      ops->synchronize();

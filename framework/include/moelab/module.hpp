@@ -31,6 +31,11 @@ struct Parameter {
   Tensor value;
   Tensor grad;
   bool weight_decay = true;  // optimisers skip decay when false (biases, norms)
+  // In bf16 precision (train.precision = "bf16"): value rounded to bf16, for GEMMs to read, so a
+  // weight is rounded once per step rather than at every GEMM (refresh_gemm_copies); undefined in
+  // f32. GEMMs with this parameter as an operand read gemm_value(); everything else reads value.
+  Tensor gemm_copy;
+  const Tensor& gemm_value() const { return gemm_copy.defined() ? gemm_copy : value; }
 };
 
 // Opaque state a forward hands to its backward (tiny-cuda-nn's context): each module derives its
@@ -57,6 +62,13 @@ Parameter make_parameter(Ops& ops, std::string name, DType dtype, const Shape& s
 // Fill a host f32/f64 tensor from `rng`: uniform in [lo, hi), or normal(0, std).
 void fill_uniform(Tensor& host, double lo, double hi, Rng& rng);
 void fill_normal(Tensor& host, double std, Rng& rng);
+
+// Gives each of `params` that is a matrix (rank >= 2) a bf16 gemm_copy (precision bf16), or
+// drops every copy (f32); then refreshes them. refresh_gemm_copies rounds value into every copy
+// there is: call it after values change (an optimiser step, a checkpoint loaded) and before the
+// next forward.
+void make_gemm_copies(Ops& ops, const std::vector<Parameter*>& params, DType precision);
+void refresh_gemm_copies(Ops& ops, const std::vector<Parameter*>& params);
 
 // Zeroes every gradient of `module`.
 void zero_grads(Ops& ops, Module& module);

@@ -64,14 +64,14 @@ std::unique_ptr<ForwardContext> GroupedFfn::forward(Ops& ops, const Tensor& x, c
                offsets.empty() ? 0 : offsets.back(), rows);
   auto saved = std::make_unique<FfnSaved>();
   saved->pre = ops.empty(x.dtype(), {rows, f_in});
-  ops.grouped_gemm(x, w_in_.value, true, offsets, 1.0, 0.0, saved->pre);
+  ops.grouped_gemm(x, w_in_.gemm_value(), true, offsets, 1.0, 0.0, saved->pre);
   if (options_.bias) add_bias_per_segment(ops, b_in_.value, offsets, saved->pre);
   saved->hidden = ops.empty(x.dtype(), {rows, f});
   if (options_.gated)
     ops.glu(options_.activation, saved->pre, saved->hidden);
   else
     ops.activation(options_.activation, saved->pre, saved->hidden);
-  ops.grouped_gemm(saved->hidden, w_out_.value, true, offsets, 1.0, 0.0, y);
+  ops.grouped_gemm(saved->hidden, w_out_.gemm_value(), true, offsets, 1.0, 0.0, y);
   if (options_.bias) add_bias_per_segment(ops, b_out_.value, offsets, y);
   return saved;
 }
@@ -87,7 +87,7 @@ void GroupedFfn::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>&
   ops.grouped_gemm_weight_grad(saved.hidden, dy, true, offsets, true, w_out_.grad);
   if (options_.bias) bias_grad_per_segment(ops, dy, offsets, b_out_.grad);
   Tensor dhidden = ops.empty(x.dtype(), {rows, f});
-  ops.grouped_gemm(dy, w_out_.value, false, offsets, 1.0, 0.0, dhidden);
+  ops.grouped_gemm(dy, w_out_.gemm_value(), false, offsets, 1.0, 0.0, dhidden);
   Tensor dpre = ops.empty(x.dtype(), {rows, f_in});
   if (options_.gated)
     ops.glu_backward(options_.activation, saved.pre, dhidden, dpre);
@@ -96,7 +96,7 @@ void GroupedFfn::backward(Ops& ops, const Tensor& x, const std::vector<int64_t>&
   if (options_.bias) bias_grad_per_segment(ops, dpre, offsets, b_in_.grad);
   // pre = x W_in^T: dW_in[g] += dpre_g^T x_g, dx = dpre W_in
   ops.grouped_gemm_weight_grad(x, dpre, true, offsets, true, w_in_.grad);
-  ops.grouped_gemm(dpre, w_in_.value, false, offsets, 1.0, 0.0, dx);
+  ops.grouped_gemm(dpre, w_in_.gemm_value(), false, offsets, 1.0, 0.0, dx);
 }
 
 FfnOptions FfnExperts::options_from(const ParamSet& p, const LayerSpec& spec, bool gated, int64_t d_ff,

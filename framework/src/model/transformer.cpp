@@ -19,7 +19,7 @@ Linear::Linear(Ops& ops, const std::string& name, int64_t in, int64_t out, bool 
 
 Tensor Linear::forward(Ops& ops, const Tensor& x) const {
   Tensor y = ops.empty(x.dtype(), {x.dim(0), weight.value.dim(0)});
-  ops.gemm(false, true, 1.0, x, weight.value, 0.0, y);
+  ops.gemm(false, true, 1.0, x, weight.gemm_value(), 0.0, y);
   if (bias.value.defined()) ops.add_row_vector(bias.value, y);
   return y;
 }
@@ -27,7 +27,7 @@ Tensor Linear::forward(Ops& ops, const Tensor& x) const {
 void Linear::backward(Ops& ops, const Tensor& x, const Tensor& dy, Tensor* dx, bool accumulate_dx) {
   ops.gemm(true, false, 1.0, dy, x, 1.0, weight.grad);  // dW [out, in] += dy^T x
   if (bias.value.defined()) ops.sum_rows(dy, true, bias.grad);
-  if (dx) ops.gemm(false, false, 1.0, dy, weight.value, accumulate_dx ? 1.0 : 0.0, *dx);
+  if (dx) ops.gemm(false, false, 1.0, dy, weight.gemm_value(), accumulate_dx ? 1.0 : 0.0, *dx);
 }
 
 void Linear::collect(std::vector<Parameter*>& out) {
@@ -450,7 +450,7 @@ double Transformer::head_forward(const Tensor& x, const Tensor& targets, Tensor&
   const ModelConfig& m = config_.model;
   const int64_t rows = x.dim(0);
   logits = ops_.empty(m.dtype, {rows, m.vocab_size});
-  ops_.gemm(false, true, 1.0, x, m.tied_embeddings ? embed_.value : head_.weight.value, 0.0, logits);
+  ops_.gemm(false, true, 1.0, x, m.tied_embeddings ? embed_.gemm_value() : head_.weight.gemm_value(), 0.0, logits);
   Tensor loss = ops_.empty(m.dtype, {rows});
   lse = ops_.empty(m.dtype, {rows});
   ops_.cross_entropy(logits, ops_.to_device(targets), loss, lse);
@@ -468,7 +468,7 @@ Tensor Transformer::head_backward(const Tensor& x, const Tensor& targets, const 
   Parameter& head_weight = m.tied_embeddings ? embed_ : head_.weight;
   ops_.gemm(true, false, 1.0, dlogits, x, 1.0, head_weight.grad);  // dW [V, d] += dlogits^T x
   Tensor dx = ops_.empty(m.dtype, x.shape());
-  ops_.gemm(false, false, 1.0, dlogits, head_weight.value, 0.0, dx);
+  ops_.gemm(false, false, 1.0, dlogits, head_weight.gemm_value(), 0.0, dx);
   return dx;
 }
 

@@ -144,4 +144,16 @@ Tensor Ops::to_device(const Tensor& host) {
   return dst;
 }
 
+void make_gemm_copies(Ops& ops, const std::vector<Parameter*>& params, DType precision) {
+  for (Parameter* p : params)
+    p->gemm_copy =
+        precision == DType::bf16 && p->value.rank() >= 2 ? ops.empty(DType::bf16, p->value.shape()) : Tensor();
+  refresh_gemm_copies(ops, params);
+}
+
+void refresh_gemm_copies(Ops& ops, const std::vector<Parameter*>& params) {
+  for (Parameter* p : params)
+    if (p->gemm_copy.defined()) ops.cast(p->value, p->gemm_copy);
+}
+
 }  // namespace moelab

@@ -102,6 +102,10 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     param_list.push_back(p);
   }
   AdamWOptimizer optimizer(*ops, param_list, AdamWOptions{train.beta1, train.beta2, train.eps, train.weight_decay});
+  // bf16 precision: the matrices the model's GEMMs read, rounded once per step (routers keep f32).
+  std::vector<Parameter*> gemm_params;
+  for (auto& [name, p] : params)
+    if (name.find("router") == std::string::npos) gemm_params.push_back(p);
   std::vector<MoeLayer*> moe_layers = model.moe_layers();
 
   // The held-out windows, and the loss a predictor that knows the sources reaches on them.
@@ -123,6 +127,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     write_plugin_provenance(run_dir, config, registry);
     write_text(metrics_file, "");
   }
+  make_gemm_copies(*ops, gemm_params, train.precision);    // after the values are final (a resume loaded them)
   if (parallel.distributed()) parallel.world().barrier();  // metrics.jsonl is ready before any step
   MetricsLog metrics(metrics_file, writer);
 
@@ -175,6 +180,7 @@ RunResult train_language_model(const RunConfig& config, const std::string& resol
     const double lr = train.lr_at(step);
     optimizer.step(lr);
     model.after_step();
+    refresh_gemm_copies(*ops, gemm_params);
     running.recent_loss.push_back(loss);
     if (static_cast<int64_t>(running.recent_loss.size()) > train.log_every)
       running.recent_loss.erase(running.recent_loss.begin());
