@@ -67,5 +67,7 @@ int attention_bench(int repeats, const std::string& kernel);
 // moelab-bench --optimizer (op_bench.cpp).
 int optimizer_bench(int repeats, const std::string& kernel);
 int parallel_bench(const std::vector<BenchShape>& shapes, int repeats, const std::string& kernel);
+// moelab-bench --train-step RECIPE (train_bench.cpp): a training step in f32 and bf16, with MFU.
+int train_step_bench(const std::string& recipe, int repeats, const std::string& kernel);
 
 }  // namespace moelab::bench

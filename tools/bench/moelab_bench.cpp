@@ -7,6 +7,7 @@
 //   mpirun -np 2 build/bin/moelab-bench --parallel   # expert parallelism (parallel_bench.cpp)
 //   build/bin/moelab-bench --attention            # causal attention (op_bench.cpp)
 //   build/bin/moelab-bench --optimizer            # the AdamW step (op_bench.cpp)
+//   build/bin/moelab-bench --train-step recipes/examples/medium.toml   # MFU (train_bench.cpp)
 //
 // FLOPs counted (2 per multiply-add): forward = router (2·T·d·E) + experts (per processed row:
 // 2·d·2F + 2·F·d for SwiGLU); backward = 2 × forward (input and weight gradients).
@@ -79,7 +80,8 @@ int usage(int status) {
                "usage: moelab-bench [--shape T,d,F,E,k]... [--repeats N] [--kernel NAME] [--precision f32|bf16]\n"
                "       mpirun -np N moelab-bench --parallel [--shape T,d,F,E,k]... [--repeats N]\n"
                "       moelab-bench --attention [--repeats N] [--kernel NAME]\n"
-               "       moelab-bench --optimizer [--repeats N] [--kernel NAME]\n\n"
+               "       moelab-bench --optimizer [--repeats N] [--kernel NAME]\n"
+               "       moelab-bench --train-step RECIPE [--repeats N] [--kernel NAME]\n\n"
                "Times one MoE layer (softmax_topk router, glu experts, dropless) forward and\n"
                "forward+backward against a dense GEMM of the same FLOPs on the same kernel, and\n"
                "prints GFLOP/s and the ratio. Default shapes: 4096,512,1408,8,2  4096,512,352,64,8\n"
@@ -92,9 +94,12 @@ int usage(int status) {
                "widths), forward and forward+backward, against a GEMM of the same FLOPs and against\n"
                "the previous version (the reference loops) in the same rounds.\n\n"
                "--optimizer: the AdamW step on 1M and 4M f32 parameters against the previous version\n"
-               "(the scalar reference loop) in the same rounds.\n"
+               "(the scalar reference loop) in the same rounds.\n\n"
                "--precision bf16: every GEMM of the layer but the router's, and the dense reference's, computes\n"
-               "in bf16 (operands rounded, f32 sums: Ops::set_matmul_precision); f32 by default.\n");
+               "in bf16 (operands rounded, f32 sums: Ops::set_matmul_precision); f32 by default.\n\n"
+               "--train-step RECIPE: one training step of the recipe's transformer (forward, backward,\n"
+               "AdamW) in f32 and in bf16, with model FLOPs utilisation against a dense GEMM of the\n"
+               "same precision in the same rounds.\n");
   return status;
 }
 
@@ -106,6 +111,7 @@ int main(int argc, char** argv) {
   std::string kernel = "cpu";
   DType precision = DType::f32;
   bool parallel = false, attention = false, optimizer = false;
+  std::string train_recipe;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") return usage(0);
@@ -121,7 +127,13 @@ int main(int argc, char** argv) {
       optimizer = true;
       continue;
     }
-    if ((a == "--shape" || a == "--repeats" || a == "--kernel" || a == "--precision") && i + 1 >= argc) return usage(2);
+    if ((a == "--shape" || a == "--repeats" || a == "--kernel" || a == "--precision" || a == "--train-step") &&
+        i + 1 >= argc)
+      return usage(2);
+    if (a == "--train-step") {
+      train_recipe = argv[++i];
+      continue;
+    }
     if (a == "--shape") {
       BenchShape s{};
       if (!parse_shape(argv[++i], s)) {
@@ -150,6 +162,21 @@ int main(int argc, char** argv) {
                  "moelab-bench: error: --attention and --optimizer run their own shapes: each goes alone, without "
                  "--shape or --parallel\n");
     return 2;
+  }
+  if (!train_recipe.empty()) {
+    if (attention || optimizer || parallel || !shapes.empty()) {
+      std::fprintf(stderr, "moelab-bench: error: --train-step goes alone (with --repeats and --kernel)\n");
+      return 2;
+    }
+    try {
+      return train_step_bench(train_recipe, repeats, kernel);
+    } catch (const UsageError& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+      return 1;
+    }
   }
   if (optimizer) {
     try {
