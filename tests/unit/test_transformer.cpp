@@ -252,11 +252,13 @@ TEST_CASE("the transformer with bf16 GEMMs against f32: loss and every gradient 
     double loss;
     std::map<std::string, std::vector<double>> grads;
   };
-  const auto run = [&](DType precision) {
+  const auto run = [&](DType precision, bool router_in_bf16 = false) {
     const std::shared_ptr<Ops> ops = load_kernel("cpu");
     ops->set_matmul_precision(precision);
     Rng rng(9);
-    Transformer model(config, registry(), *ops, rng);
+    RunConfig changed = config;
+    changed.moe.router_in_train_precision = router_in_bf16;  // moe.router_precision = "train"
+    Transformer model(changed, registry(), *ops, rng);
     std::vector<Parameter*> gemm_params;
     for (auto& [name, p] : model.named_parameters())
       if (name.find("router") == std::string::npos) gemm_params.push_back(p);
@@ -273,6 +275,10 @@ TEST_CASE("the transformer with bf16 GEMMs against f32: loss and every gradient 
   CAPTURE(loss_difference);
   CHECK(loss_difference > 0);
   CHECK(loss_difference < 4.0 / 256);
+  // The router stays f32 unless moe.router_precision = "train" says otherwise.
+  const Result bf16_router = run(DType::bf16, true);
+  CHECK(bf16_router.loss != bf16.loss);
+  CHECK(std::abs(bf16_router.loss - f32.loss) / f32.loss < 4.0 / 256);
   for (const auto& [name, g] : f32.grads) {
     const std::vector<double>& h = bf16.grads.at(name);
     double difference = 0, norm = 0;

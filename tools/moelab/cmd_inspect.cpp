@@ -152,6 +152,7 @@ int cmd_inspect(const Args& args) {
                       {{"weights", count_json(rank.weights, true)},
                        {"gradients", count_json(rank.gradients, true)},
                        {"optimizer", count_json(rank.optimizer, true)},
+                       {"gemm_copies", count_json(rank.gemm_copies, true)},
                        {"activations", count_json(rank.activations, true)},
                        {"logits", count_json(rank.logits, true)},
                        {"total", count_json(rank.total(), true)}}}};

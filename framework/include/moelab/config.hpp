@@ -35,6 +35,9 @@ struct MoeConfig {
   double eval_capacity_factor = 2.0;  // evaluation
   Overflow overflow = Overflow::drop;
   int64_t dead_expert_window = 10000;  // tokens: an expert idle this long is reported dead
+  // The router's GEMMs: in f32 whatever train.precision says (Megatron-Core's moe_router_dtype =
+  // "fp32"), or in train.precision like the rest of the model.
+  bool router_in_train_precision = false;
   PluginChoice router, experts;
   std::vector<PluginChoice> balancers;
 };

@@ -192,6 +192,9 @@ class MoeLayer : public Module {
   void shard_experts(const PluginRegistry& registry, Ops& ops);
   void collect_plugin_metrics();  // stats_.plugin_metrics from every plugin's metrics()
   MoeConfig config_;
+  // What the router's GEMMs compute in: f32, or the kernel's present precision with
+  // moe.router_precision = "train".
+  DType router_precision() const { return config_.router_in_train_precision ? ops_.matmul_precision() : DType::f32; }
   LayerSpec spec_;
   Ops& ops_;
   Rng rng_;

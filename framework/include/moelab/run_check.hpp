@@ -25,11 +25,15 @@ struct MemoryEstimate {
   double weights = 0;           // parameters x element size
   double gradients = 0;         // one gradient per parameter
   double optimizer = 0;         // AdamW's two moments per parameter
+  double gemm_copies = 0;       // train.precision = "bf16": a bf16 copy of every parameter but the routers' (the
+                                // matrices' Parameter::gemm_copy; vectors counted too, an upper bound)
   double activations = 0;       // what one step's forward saves for its backward: 4 rows of d_model per token and
                                 // layer, and on several ranks each MoE layer's gathered input
   double logits = 0;            // the LM head's logits of one step: tokens x vocab_size
   double corpus = 0;            // the token data held in memory (files as read, or the Markov tables)
-  double total() const { return weights + gradients + optimizer + activations + logits + corpus; }  // one rank
+  double total() const {        // one rank
+    return weights + gradients + optimizer + gemm_copies + activations + logits + corpus;
+  }
   double all_ranks() const { return total() * static_cast<double>(ranks); }
   // "weights 1.2 GiB, gradients 1.2 GiB, AdamW state 2.4 GiB, ..."
   std::string describe() const;

@@ -276,7 +276,7 @@ void MoeLayer::route(const Tensor& x, const RouterContext& ctx, Saved& saved, st
                      std::vector<int32_t>& expert, std::vector<int32_t>& rank) {
   const int64_t tokens = x.dim(0), experts = spec_.num_experts;
   saved.plan = in_plugin(router_tag_, "forward", [&] {
-    const MatmulPrecisionScope f32_router(ops_, DType::f32);  // router logits in f32
+    const MatmulPrecisionScope scope(ops_, router_precision());  // router logits in f32
     return router_->forward(x, ctx);
   });
   RoutingPlan& plan = saved.plan;
@@ -524,7 +524,7 @@ Tensor MoeLayer::backward(const Tensor& dy) {
   const RouterContext ctx = context(step_rng, s.training, s.step, s.batch, s.seq_len, s.token_ids, s.capacity_factor);
   balancers_backward(s, ctx, grad);
   in_plugin(router_tag_, "backward", [&] {
-    const MatmulPrecisionScope f32_router(ops_, DType::f32);
+    const MatmulPrecisionScope scope(ops_, router_precision());
     router_->backward(s.x, s.plan, grad, ctx, dx);
   });
   laps.charge(&ExchangeProfile::route_seconds);

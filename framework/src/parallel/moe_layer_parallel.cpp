@@ -324,7 +324,7 @@ Tensor MoeLayer::backward_parallel(const Tensor& dy) {
   balancers_backward(s, ctx, grad);
   Tensor dx_global = ops_.zeros(s.x.dtype(), {s.x_global.dim(0), d});
   in_plugin(router_tag_, "backward", [&] {
-    const MatmulPrecisionScope f32_router(ops_, DType::f32);
+    const MatmulPrecisionScope scope(ops_, router_precision());
     router_->backward(s.x_global, s.plan, grad, ctx, dx_global);
   });
   ops_.axpy(1.0, dx_global.rows(offset, offset + local_tokens), dx);

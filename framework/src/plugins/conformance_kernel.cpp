@@ -17,6 +17,9 @@
 //  - The reference runs first, so a kernel that writes into its inputs cannot change what the
 //    reference saw.
 //
+// bf16 (ABI 7.0) is checked in the f32 pass: cast to bf16 and back, and, where the kernel takes
+// set_matmul_precision(bf16), its GEMMs in bf16 precision against the reference's.
+//
 // Each variant (transposes, accumulate or overwrite, bias or none, every Activation) is its own
 // SlotResult. Its error is the largest |a - r| / max(1, |r|) over all outputs (absolute below 1, so
 // entries near zero do not dominate). Tolerances: 1e-10 in f64; in f32 1e-4, and 2e-4 for the GEMMs
@@ -241,6 +244,17 @@ class Harness {
     return tensors;
   }
 
+  // Whether the kernel under test computes f32 GEMMs in bf16 (Ops::set_matmul_precision): an
+  // optional capability, whose checks are skipped where it is missing.
+  bool kernel_has_bf16_gemm() {
+    try {
+      const MatmulPrecisionScope scope(kernel_, DType::bf16);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }
+
   void fail(std::string slot, std::string failure) {
     SlotResult result = start(std::move(slot), Kind::plain);
     result.failure = std::move(failure);
@@ -346,6 +360,40 @@ void check_grouped_gemm_weight_grad(Harness& h) {
                   return {out(ops, "dw", dw)};
                 });
     }
+}
+
+// --- precision (bf16) ------------------------------------------------------------------------------
+
+// bf16 belongs to f32 models: checked in the f32 pass only. Both kernels round to nearest even, so
+// a cast must agree exactly, and a bf16 GEMM (exact products of the same rounded operands) within
+// the f32 sums' rounding.
+void check_precision(Harness& h) {
+  if (h.dtype != DType::f32) return;
+  const Tensor x = h.normal({kRows, kCols});
+  h.compare("cast (f32 -> bf16 -> f32)", Kind::plain, [&](Ops& ops) -> Outputs {
+    Tensor low = ops.empty(DType::bf16, x.shape());
+    ops.cast(input(ops, x), low);
+    Tensor back = ops.empty(DType::f32, x.shape());
+    ops.cast(low, back);
+    return {out(ops, "dst", back)};
+  });
+  if (!h.kernel_has_bf16_gemm()) return;
+  const Tensor a = h.normal({kRows, kInner}), b = h.normal({kCols, kInner}), c0 = h.normal({kRows, kCols});
+  h.compare("gemm (bf16 precision)", Kind::reduction, [&](Ops& ops) -> Outputs {
+    const MatmulPrecisionScope scope(ops, DType::bf16);
+    Tensor c = initial(ops, c0);
+    ops.gemm(false, true, -0.7, input(ops, a), input(ops, b), 0.3, c);
+    return {out(ops, "c", c)};
+  });
+  const Tensor w = h.normal({kGroups, kInner, kCols}), dy = h.normal({kRows, kCols});
+  h.compare("grouped_gemm and its weight gradient (bf16 precision)", Kind::reduction, [&](Ops& ops) -> Outputs {
+    const MatmulPrecisionScope scope(ops, DType::bf16);
+    Tensor y = ops.empty(DType::f32, {kRows, kCols});
+    ops.grouped_gemm(input(ops, a), input(ops, w), false, grouped_offsets(), 1.0, 0.0, y);
+    Tensor dw = ops.empty(DType::f32, w.shape());
+    ops.grouped_gemm_weight_grad(input(ops, a), input(ops, dy), false, grouped_offsets(), false, dw);
+    return {out(ops, "y", y), out(ops, "dw", dw)};
+  });
 }
 
 // --- elementwise ----------------------------------------------------------------------------------
@@ -904,6 +952,7 @@ constexpr SlotCheck kSlotChecks[] = {
     {"gemm", check_gemm},
     {"grouped_gemm", check_grouped_gemm},
     {"grouped_gemm_weight_grad", check_grouped_gemm_weight_grad},
+    {"precision", check_precision},
     {"activation", check_activation},
     {"glu", check_glu},
     {"axpy", check_axpy},

@@ -196,7 +196,10 @@ std::vector<SectionSchema> core_schema() {
         param_choice("overflow", "drop", {"drop", "reroute", "dropless"},
                      "what happens to a token beyond an expert's capacity"),
         param_int("dead_expert_window", 10000, "tokens an expert may go unused before it is reported dead")
-            .range(1, kMaxCount)}},
+            .range(1, kMaxCount),
+        param_choice("router_precision", "f32", {"f32", "train"},
+                     "the router's GEMMs: f32 whatever train.precision says (Megatron-Core's moe_router_dtype), "
+                     "or train.precision like the rest of the model")}},
       {"moe.router", {param_string("type", "", "router plugin. Its parameters follow").required()}},
       {"moe.experts", {param_string("type", "", "expert layout plugin. Its parameters follow").required()}},
       {"moe.balancers",
@@ -837,6 +840,7 @@ RunConfig build_config(Recipe& recipe, PluginRegistry& registry) {
       m.overflow = o == "reroute" ? Overflow::reroute : o == "dropless" ? Overflow::dropless : Overflow::drop;
     }
     read_value(values, "dead_expert_window", m.dead_expert_window);
+    if (values.has("router_precision")) m.router_in_train_precision = values.get_string("router_precision") == "train";
     if (values.has("top_k") && values.has("num_experts") && m.top_k > m.num_experts) {
       const bool top_k_set = recipe.where("moe.top_k").known();
       check.error(top_k_set ? "moe.top_k" : "moe.num_experts",

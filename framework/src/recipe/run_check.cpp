@@ -31,7 +31,7 @@ SourceLocation first_set(const Recipe& recipe, std::initializer_list<const char*
 
 // The term of the estimate that dominates, as the recipe key to change.
 const char* dominant_key(const MemoryEstimate& m) {
-  const double state = m.weights + m.gradients + m.optimizer;
+  const double state = m.weights + m.gradients + m.optimizer + m.gemm_copies;
   const double largest = std::max({state, m.activations, m.logits, m.corpus});
   if (largest == m.corpus) return "data";
   if (largest == m.logits) return "model.vocab_size";
@@ -129,6 +129,7 @@ std::string MemoryEstimate::describe() const {
   add("weights", weights);
   add("gradients", gradients);
   add("AdamW state", optimizer);
+  add("bf16 GEMM copies", gemm_copies);
   add("saved activations", activations);
   add("logits", logits);
   add("corpus", corpus);
@@ -149,9 +150,10 @@ MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& re
   const double expert_split = ranks > 1 ? static_cast<double>(std::max<int64_t>(1, config.parallel.expert)) : 1.0;
   MemoryEstimate m;
   m.ranks = std::max<int64_t>(1, world);
-  double routed = 0;
+  double routed = 0, routers = 0;
   if (language_model) {
     const ModelCounts counts = count_model(config.model, moe, config.train.seq_len);
+    routers = static_cast<double>(moe.router) * static_cast<double>(counts.moe_layers + config.model.mtp_modules);
     m.model_parameters = counts.total.sum() + counts.mtp_total.sum();  // MTP modules train with the model
     routed = counts.total.routed_experts + counts.mtp_total.routed_experts;
     // Each block saves its input, the attention's normed input, the residual after attention
@@ -170,6 +172,8 @@ MemoryEstimate estimate_memory(const RunConfig& config, const PluginRegistry& re
   m.weights = m.parameters * element;
   m.gradients = m.weights;
   m.optimizer = 2 * m.weights;
+  if (language_model && config.train.precision == DType::bf16)
+    m.gemm_copies = (m.parameters - routers) * static_cast<double>(dtype_size(DType::bf16));
   m.corpus = corpus_bytes;
   return m;
 }
