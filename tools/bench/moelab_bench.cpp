@@ -103,6 +103,20 @@ int usage(int status) {
   return status;
 }
 
+// A benchmark's exit status: its own, 2 for a usage mistake it found (a recipe that does not
+// load, a layout mpirun cannot give), 1 for any other failure, each with its message.
+int reported(const std::function<int()>& bench) {
+  try {
+    return bench();
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -112,6 +126,7 @@ int main(int argc, char** argv) {
   DType precision = DType::f32;
   bool parallel = false, attention = false, optimizer = false;
   std::string train_recipe;
+  bool precision_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") return usage(0);
@@ -152,6 +167,7 @@ int main(int argc, char** argv) {
         return 2;
       }
       precision = value == "bf16" ? DType::bf16 : DType::f32;
+      precision_given = true;
     } else {
       std::fprintf(stderr, "moelab-bench: error: unknown argument '%s'\n", a.c_str());
       return usage(2);
@@ -163,48 +179,24 @@ int main(int argc, char** argv) {
                  "--shape or --parallel\n");
     return 2;
   }
+  if (precision_given && (attention || optimizer || parallel || !train_recipe.empty())) {
+    std::fprintf(stderr,
+                 "moelab-bench: error: --precision goes with the layer benchmark only (--train-step runs both "
+                 "precisions itself; --attention, --optimizer and --parallel run in f32)\n");
+    return 2;
+  }
   if (!train_recipe.empty()) {
     if (attention || optimizer || parallel || !shapes.empty()) {
       std::fprintf(stderr, "moelab-bench: error: --train-step goes alone (with --repeats and --kernel)\n");
       return 2;
     }
-    try {
-      return train_step_bench(train_recipe, repeats, kernel);
-    } catch (const UsageError& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 2;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 1;
-    }
+    return reported([&] { return train_step_bench(train_recipe, repeats, kernel); });
   }
-  if (optimizer) {
-    try {
-      return optimizer_bench(repeats, kernel);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 1;
-    }
-  }
-  if (attention) {
-    try {
-      return attention_bench(repeats, kernel);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 1;
-    }
-  }
+  if (optimizer) return reported([&] { return optimizer_bench(repeats, kernel); });
+  if (attention) return reported([&] { return attention_bench(repeats, kernel); });
   if (parallel) {
     if (shapes.empty()) shapes = {{4096, 512, 1408, 8, 2}, {4096, 512, 352, 64, 8}};
-    try {
-      return parallel_bench(shapes, repeats, kernel);
-    } catch (const UsageError& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 2;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab-bench: error: %s\n", e.what());
-      return 1;
-    }
+    return reported([&] { return parallel_bench(shapes, repeats, kernel); });
   }
   if (shapes.empty()) shapes = {{4096, 512, 1408, 8, 2}, {4096, 512, 352, 64, 8}, {4096, 768, 3072, 64, 1}};
 
